@@ -1,0 +1,1 @@
+"""Dataset builders: prompt sets, distillation filters, SFT mixtures, packing, preference pairs."""

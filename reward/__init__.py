@@ -1,0 +1,1 @@
+"""Rewards: rule-based checks, the code sandbox, reward-model scoring and evaluation."""
