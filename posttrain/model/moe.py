@@ -1,0 +1,180 @@
+"""DeepSeekMoE: the V3 router, stacked routed experts, shared experts, and load balancing.
+
+Router (per token, float32):
+    s = sigmoid(x W_gate^T)                     affinities, [N, E]
+    b = e_score_correction_bias                 used for *selection only*
+    group score = sum of the top-2 of (s + b) within each of n_group groups
+    keep the topk_group best groups, then the top-k experts of (s + b) inside them
+    gate weights = s at those experts (unbiased), normalised to sum 1, * routed_scaling_factor
+
+Load balancing, both from the report:
+    * auxiliary-loss-free: after each optimizer step, b_e += gamma * sign(mean load - load_e)
+      (`update_router_bias`); the bias never receives a gradient;
+    * the complementary sequence-wise balance loss alpha * sum_e f_e P_e per sequence
+      (`MoE.balance_loss`, computed in training when alpha > 0).
+
+Routed experts are stored stacked, gate/up [E, I, D] and down [E, D, I] (each expert's slice
+in nn.Linear's [out, in] layout, so per-expert checkpoint tensors map onto slices), and run as
+a grouped GEMM over tokens sorted by expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .grouped_mm import grouped_mm
+from .layers import MLP
+
+
+def route(
+    scores_NE: torch.Tensor,
+    bias_E: torch.Tensor,
+    n_group: int,
+    topk_group: int,
+    top_k: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k selection on biased scores; gate weights from unbiased scores.
+
+    Returns (weights [N, K] in the scores' dtype, expert indices [N, K]).
+    """
+    N, E = scores_NE.shape
+    biased = scores_NE + bias_E
+    if n_group > 1:
+        group_scores = biased.view(N, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)
+        keep = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        expert_mask = group_mask[:, :, None].expand(N, n_group, E // n_group).reshape(N, E)
+        biased = biased.masked_fill(~expert_mask, float("-inf"))
+    idx_NK = biased.topk(top_k, dim=-1).indices
+    weights_NK = scores_NE.gather(1, idx_NK)
+    if norm_topk_prob:
+        weights_NK = weights_NK / (weights_NK.sum(-1, keepdim=True) + 1e-20)
+    return weights_NK * routed_scaling_factor, idx_NK
+
+
+class Router(nn.Module):
+    """The gate: affinity weights [E, D] and the selection bias [E] (a float32 buffer)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate weights [N, K] fp32, expert ids [N, K], affinities [N, E] fp32)."""
+        a = self.args
+        scores = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        weights, idx = route(
+            scores, self.e_score_correction_bias.float(), a.n_group, a.topk_group,
+            a.num_experts_per_tok, a.norm_topk_prob, a.routed_scaling_factor,
+        )
+        return weights, idx, scores
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts whose weights live in three stacked tensors."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """x rows sorted by expert; offsets are the cumulative row ends per expert."""
+        gate = grouped_mm(x_MD, self.gate_proj.transpose(1, 2), offsets_E)
+        up = grouped_mm(x_MD, self.up_proj.transpose(1, 2), offsets_E)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets_E)
+
+
+def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """sum_e f_e * P_e per sequence, averaged over sequences (the report's eqs. 17-20, without alpha).
+
+    f_e = E / (K T) * (tokens of the sequence routed to e); P_e = mean over the sequence of
+    the affinities normalised over all experts.
+    """
+    B, T, K = idx_BTK.shape
+    counts = torch.zeros(B, n_experts, device=idx_BTK.device, dtype=torch.float32)
+    counts.scatter_add_(1, idx_BTK.reshape(B, T * K), torch.ones(B, T * K, device=idx_BTK.device))
+    f = counts * (n_experts / (K * T))
+    p = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
+    return (f * p).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.gate = Router(args)
+        self.experts = GroupedExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+            if args.n_shared_experts else None
+        )
+        # Tokens routed to each expert since the last bias update (summed over micro-batches).
+        self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        weights_NK, idx_NK, scores_NE = self.gate(x_ND)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(idx_NK.flatten(), minlength=self.args.n_routed_experts)
+            self.balance_loss = None
+            if self.args.aux_loss_alpha > 0:
+                self.balance_loss = sequence_balance_loss(
+                    scores_NE.view(B, T, -1), idx_NK.view(B, T, -1), self.args.n_routed_experts)
+        y = self.routed(x_ND, weights_NK, idx_NK).view(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_BTD)
+        return y
+
+    def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Permute tokens by expert, run the grouped GEMM, scatter back weighted (in float32)."""
+        N, K = idx_NK.shape
+        flat = idx_NK.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.args.n_routed_experts)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        token_of_row = order // K
+        y_MD = self.experts(x_ND[token_of_row], offsets)
+        y_MD = y_MD.float() * weights_NK.flatten()[order, None].float()
+        out = torch.zeros(N, x_ND.shape[1], dtype=torch.float32, device=x_ND.device)
+        out.index_add_(0, token_of_row, y_MD)
+        return out.to(x_ND.dtype)
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, gamma: float, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Auxiliary-loss-free balancing: b_e += gamma * sign(mean load - load_e) in every MoE layer.
+
+    Call after the optimizer step. Loads are the token counts accumulated since the last call,
+    summed over the data-parallel ranks (all-reduce over `group` when distributed is up), so
+    every rank applies the same update. gamma = 0 freezes the bias but still resets the counts.
+    Returns max/mean load per layer before the update (1.0 = perfectly balanced).
+    """
+    stats: dict[str, float] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        load = module.tokens_per_expert
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load, group=group)
+        mean = load.mean()
+        if mean > 0:
+            stats[name] = float(load.max() / mean)
+            if gamma:
+                module.gate.e_score_correction_bias += gamma * torch.sign(mean - load)
+        load.zero_()
+    return stats

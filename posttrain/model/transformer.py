@@ -1,0 +1,248 @@
+"""The DeepSeek-V3 transformer: blocks, the model, the LM head and a scalar (reward/value) head.
+
+`Transformer(args)(input_ids)` returns logits [B, T, vocab]. Training code calls `compute`,
+which also returns the MTP per-depth losses and the MoE balance loss; the reward model calls
+`score`. Parameter names follow the HF checkpoint with the `model.` prefix dropped and the
+routed experts stacked (see checkpoint.py for the mapping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .attention import MLA, LatentCache, build_attention_mask
+from .layers import MLP, RMSNorm
+from .moe import MoE
+from .rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int, moe: bool | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = MLA(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        use_moe = args.is_moe_layer(layer_idx) if moe is None else moe
+        self.mlp = MoE(args) if use_moe else MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, x, cos, sin, mask=None, cache: LatentCache | None = None, cache_start: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class ModelOutput:
+    """What `Transformer.compute` returns. Losses are means over non-ignored targets."""
+
+    hidden: torch.Tensor                     # final normed hidden states [B, T, D]
+    logits: torch.Tensor | None = None       # [B, T, vocab]
+    loss: torch.Tensor | None = None         # next-token cross-entropy
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)  # one per MTP depth
+    balance_loss: torch.Tensor | None = None  # sum over MoE layers of sum_e f_e P_e, times alpha
+
+
+@dataclass
+class KVCache:
+    """Latent decode caches for every layer plus the next write position."""
+
+    layers: list[LatentCache]
+    key_padding_BS: torch.Tensor  # bool [B, S_max]: True where a real token sits
+    length: int = 0
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, scalar_head: bool = False):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        from .mtp import MTPModule  # local import: mtp.py builds on Block
+
+        self.mtp = nn.ModuleList(
+            MTPModule(args, args.num_hidden_layers + d) for d in range(args.num_nextn_predict_layers)
+        )
+        self.score = nn.Linear(args.hidden_size, 1, bias=False) if scalar_head else None
+        self.rotary = RotaryEmbedding(args)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for matrices and embeddings, ones for norms, zero bias."""
+        std = self.args.initializer_range
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std, generator=generator)
+            else:
+                p.fill_(1.0)  # every 1-D parameter is an RMSNorm weight
+        for m in self.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.zero_()
+
+    # --------------------------------------------------------------- forward
+    def _positions(self, input_ids, position_ids, attention_mask_BT, start: int = 0):
+        B, T = input_ids.shape
+        if position_ids is not None:
+            return position_ids
+        if attention_mask_BT is not None:
+            # left padding: positions count real tokens only
+            return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+        return torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
+
+    def trunk(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final normed hidden states [B, T, D] (no cache).
+
+        position_ids [B, T]: positions (default 0..T-1, or counted over attention_mask).
+        segment_ids [B, T]: packed-sample ids; attention stays within a segment.
+        attention_mask [B, T]: 1 for tokens, 0 for padding (keys that are padding are hidden).
+        """
+        positions = self._positions(input_ids, position_ids, attention_mask)
+        cos, sin = self.rotary(positions)
+        mask = None
+        if segment_ids is not None or attention_mask is not None:
+            slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+            mask = build_attention_mask(slots, slots, attention_mask, segment_ids)
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.norm(h)
+
+    def forward(self, input_ids, position_ids=None, segment_ids=None, attention_mask=None):
+        """Logits [B, T, vocab]."""
+        return self.lm_head(self.trunk(input_ids, position_ids, segment_ids, attention_mask))
+
+    def compute(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        with_mtp: bool = True,
+        return_logits: bool = True,
+    ) -> ModelOutput:
+        """Training forward. `labels[b, t]` is the target for position t (already shifted;
+        IGNORE_INDEX = -100 is skipped). MTP depth k predicts labels[:, t + k] from position t."""
+        hidden = self.trunk(input_ids, position_ids, segment_ids, attention_mask)
+        out = ModelOutput(hidden=hidden)
+        logits = self.lm_head(hidden)
+        if return_logits:
+            out.logits = logits
+        if labels is not None:
+            out.loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            if with_mtp and len(self.mtp):
+                positions = self._positions(input_ids, position_ids, attention_mask)
+                out.mtp_losses = self._mtp_losses(hidden, input_ids, labels, positions, segment_ids, attention_mask)
+        moe_losses = [l.mlp.balance_loss for l in self.layers if isinstance(l.mlp, MoE) and l.mlp.balance_loss is not None]
+        if self.training and moe_losses:
+            out.balance_loss = self.args.aux_loss_alpha * torch.stack(moe_losses).sum()
+        return out
+
+    def _mtp_losses(self, hidden, input_ids, labels, positions, segment_ids, attention_mask):
+        losses = []
+        h = hidden
+        T = input_ids.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            n = T - k
+            seg = segment_ids[:, :n] if segment_ids is not None else None
+            pad = attention_mask[:, :n] if attention_mask is not None else None
+            tgt = labels[:, k:].clone()
+            if segment_ids is not None:  # never predict across a packed-sample boundary
+                tgt[segment_ids[:, k:] != segment_ids[:, :n]] = IGNORE_INDEX
+            cos, sin = self.rotary(positions[:, :n])
+            slots = torch.arange(n, device=input_ids.device)
+            mask = build_attention_mask(slots, slots, pad, seg) if (seg is not None or pad is not None) else None
+            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos, sin, mask)
+            logits = self.lm_head(module.shared_head.norm(h))
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX))
+        return losses
+
+    # --------------------------------------------------------- scalar head
+    def score_tokens(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None) -> torch.Tensor:
+        """Scalar head on every position, float32 [B, T]."""
+        if self.score is None:
+            raise RuntimeError("this model was built without a scalar head (Transformer(args, scalar_head=True))")
+        hidden = self.trunk(input_ids, position_ids, segment_ids, attention_mask)
+        return self.score(hidden).squeeze(-1).float()
+
+    def score_sequences(self, input_ids, attention_mask) -> torch.Tensor:
+        """Scalar score read at the last non-padding token of each row, float32 [B].
+
+        Works for left and right padding: the last position whose mask is 1.
+        """
+        values = self.score_tokens(input_ids, attention_mask)
+        T = input_ids.shape[1]
+        last = (attention_mask.long() * torch.arange(1, T + 1, device=input_ids.device)).argmax(-1)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+    # ---------------------------------------------------------- decoding
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.embed_tokens.weight
+        dtype = dtype or p.dtype
+        a = self.args
+        layers = [
+            LatentCache(
+                torch.zeros(batch_size, max_len, a.kv_lora_rank, dtype=dtype, device=p.device),
+                torch.zeros(batch_size, max_len, a.qk_rope_head_dim, dtype=dtype, device=p.device),
+            )
+            for _ in self.layers
+        ]
+        return KVCache(layers, torch.zeros(batch_size, max_len, dtype=torch.bool, device=p.device))
+
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor,
+                    token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Absorbed-path forward of the next T tokens (prefill or one step); appends to `cache`.
+
+        position_ids [B, T]; token_mask [B, T] marks real tokens (False for left padding).
+        Returns logits [B, T, vocab].
+        """
+        B, T = input_ids.shape
+        start, end = cache.length, cache.length + T
+        if end > cache.key_padding_BS.shape[1]:
+            raise ValueError(f"cache holds {cache.key_padding_BS.shape[1]} tokens; need {end}")
+        cache.key_padding_BS[:, start:end] = True if token_mask is None else token_mask.bool()
+        cos, sin = self.rotary(position_ids)
+        q_slots = torch.arange(start, end, device=input_ids.device)
+        k_slots = torch.arange(end, device=input_ids.device)
+        mask = build_attention_mask(q_slots, k_slots, cache.key_padding_BS[:, :end])
+        h = self.embed_tokens(input_ids)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h = layer(h, cos, sin, mask, layer_cache, start)
+        cache.length = end
+        return self.lm_head(self.norm(h))
+
+    # ----------------------------------------------------------- helpers
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def num_parameters(self, include_mtp: bool = True) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if (not include_mtp and name.startswith("mtp.")) or id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
