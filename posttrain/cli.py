@@ -1,0 +1,108 @@
+"""The `posttrain` command: one sub-command per stage.
+
+    posttrain model info CONFIG            parameter counts and KV-cache size
+    posttrain model convert SRC DST --to   FP8 <-> bf16 checkpoint conversion
+    posttrain demo [--out DIR]             the whole pipeline on the embedded default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_model_info(ns: argparse.Namespace) -> int:
+    from posttrain.model.args import ModelArgs
+    from posttrain.model.counting import count_parameters, kv_cache_bytes_per_token
+
+    args = ModelArgs.from_json(ns.config)
+    c = count_parameters(args)
+    kv = kv_cache_bytes_per_token(args, ns.kv_bytes)
+    if ns.json:
+        print(json.dumps({"params": c.as_dict(), "kv_cache_bytes_per_token": kv}, indent=2))
+        return 0
+
+    def b(n: int) -> str:
+        return f"{n / 1e9:,.2f}B" if n >= 1e8 else f"{n / 1e6:,.2f}M"
+
+    rows = [
+        ("parameters, main model", b(c.total)),
+        ("  activated per token", b(c.active) + "  (all dense weights, router, shared + top-k routed "
+                                                "experts, LM head; not the embedding lookup)"),
+        ("parameters, MTP modules", b(c.mtp) + f"  ({args.num_nextn_predict_layers} depth(s); "
+                                               "embedding and head shared)"),
+        ("  as stored in a checkpoint", b(c.mtp_checkpoint) + "  (with the embedding/head copies)"),
+        ("  activated per token", b(c.active_mtp)),
+        ("checkpoint total (main + MTP)", b(c.total_with_mtp)),
+        (f"KV cache per token ({ns.kv_bytes}-byte values)",
+         f"MLA {kv['mla']:,} B vs plain MHA {kv['mha']:,} B ({kv['mha'] / kv['mla']:.1f}x smaller)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"{ns.config}: {args.num_hidden_layers} layers, hidden {args.hidden_size}, "
+          f"{args.n_routed_experts} routed experts (top-{args.num_experts_per_tok}), {args.n_shared_experts} shared")
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")
+    return 0
+
+
+def _cmd_model_convert(ns: argparse.Namespace) -> int:
+    import torch
+    from posttrain.model.convert import convert_checkpoint
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[ns.dtype]
+    counts = convert_checkpoint(ns.src, ns.dst, ns.to, dtype=dtype,
+                                progress=lambda f: print(f"  wrote {f}", file=sys.stderr))
+    print(f"{ns.src} -> {ns.dst} ({ns.to}): {counts['converted']} tensors converted, {counts['kept']} kept")
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from posttrain.stages.demo import run_demo
+
+    run_demo(Path(ns.out), seed=ns.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="inspect and convert DeepSeek-V3 checkpoints")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    info = msub.add_parser("info", help="parameter counts (total/activated, with and without MTP) and KV-cache bytes")
+    info.add_argument("config", help="a config.json, or a checkpoint directory holding one")
+    info.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_cmd_model_info)
+    conv = msub.add_parser("convert", help="FP8 (e4m3 + weight_scale_inv) <-> bf16, streamed shard by shard")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--to", choices=["bf16", "fp8"], required=True)
+    conv.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16",
+                      help="dtype of the non-FP8 tensors written")
+    conv.set_defaults(func=_cmd_model_convert)
+
+    demo = sub.add_parser("demo", help="run the pipeline on the embedded default (tiny model, local tokenizer)")
+    demo.add_argument("--out", default="demo_out", help="output directory (summary.json, checkpoints, reports)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    from posttrain.model.args import ConfigError
+    from posttrain.model.checkpoint import CheckpointError
+
+    try:
+        return ns.func(ns)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"posttrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
