@@ -1,0 +1,96 @@
+"""Absorbed-path decoding with the latent cache equals the naive full forward; generation behaves."""
+
+import pytest
+import torch
+
+from helpers import randomize_, small_args
+from posttrain.model import Transformer
+from posttrain.model.generate import SamplingParams, generate, sample_next
+
+
+@pytest.mark.parametrize("q_lora_rank", [16, None])
+def test_token_by_token_decode_equals_full_forward(q_lora_rank):
+    args = small_args(q_lora_rank=q_lora_rank)
+    model = randomize_(Transformer(args), seed=11).eval()
+    B, T = 3, 70
+    ids = torch.randint(0, args.vocab_size, (B, T))
+    pos = torch.arange(T)[None].expand(B, T)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(B, T)
+        steps = [model.decode_step(ids[:, :9], cache, pos[:, :9])]  # prefill, then one token at a time
+        steps += [model.decode_step(ids[:, t:t + 1], cache, pos[:, t:t + 1]) for t in range(9, T)]
+    err = (torch.cat(steps, 1) - full).abs().max().item()
+    assert err <= 1e-4, err
+    assert full.abs().max() > 0.5
+
+
+def test_cache_stores_only_latent_and_rope_key():
+    args = small_args()
+    cache = Transformer(args).new_cache(2, 10)
+    assert len(cache.layers) == args.num_hidden_layers
+    for layer in cache.layers:
+        assert layer.kv_BSC.shape == (2, 10, args.kv_lora_rank)
+        assert layer.pe_BSR.shape == (2, 10, args.qk_rope_head_dim)
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone():
+    args = small_args()
+    model = randomize_(Transformer(args), seed=12)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, args.vocab_size, (n,), generator=g).tolist() for n in (9, 2, 5)]
+    params = SamplingParams(max_new_tokens=12, temperature=0, logprobs=True)
+    batch = generate(model, prompts, params)
+    for p, got in zip(prompts, batch):
+        alone = generate(model, [p], params)[0]
+        assert got.token_ids == alone.token_ids
+        assert max(abs(a - b) for a, b in zip(got.logprobs, alone.logprobs)) < 1e-4
+        assert got.finish_reason == "length" and len(got.token_ids) == 12
+
+
+def test_greedy_tokens_are_the_argmax_of_the_full_forward():
+    args = small_args()
+    model = randomize_(Transformer(args), seed=13).eval()
+    prompt = torch.randint(0, args.vocab_size, (7,)).tolist()
+    out = generate(model, [prompt], SamplingParams(max_new_tokens=6, temperature=0, logprobs=True))[0]
+    seq = prompt + out.token_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([seq]))[0, len(prompt) - 1:-1]
+    assert out.token_ids == logits.argmax(-1).tolist()
+    ref_lp = logits.log_softmax(-1).gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1)
+    assert torch.allclose(torch.tensor(out.logprobs), ref_lp, atol=1e-4)
+
+
+def test_stop_token_ends_a_sequence_and_is_kept():
+    args = small_args()
+    model = randomize_(Transformer(args), seed=14)
+    prompt = [5, 6, 7]
+    free = generate(model, [prompt], SamplingParams(max_new_tokens=10, temperature=0))[0].token_ids
+    stop_at = free[3]
+    first = free.index(stop_at)
+    out = generate(model, [prompt], SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=(stop_at,)))[0]
+    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
+
+
+def test_sampling_is_seeded_and_top_p_truncates():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {sample_next(logits, SamplingParams(top_p=0.7), torch.Generator().manual_seed(s)).item()
+             for s in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
+    draws_k = {sample_next(logits, SamplingParams(top_k=1, temperature=1.5), torch.Generator().manual_seed(s)).item()
+               for s in range(50)}
+    assert draws_k == {0}
+    args = small_args()
+    model = randomize_(Transformer(args), seed=15)
+    p = SamplingParams(max_new_tokens=8, temperature=1.0, seed=123)
+    assert generate(model, [[1, 2, 3]], p)[0].token_ids == generate(model, [[1, 2, 3]], p)[0].token_ids
+
+
+def test_bad_sampling_params_and_overlong_requests_are_rejected():
+    model = Transformer(small_args())
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1]], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, [[1] * 100], SamplingParams(max_new_tokens=100))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]], SamplingParams())
