@@ -94,3 +94,27 @@ def test_bad_sampling_params_and_overlong_requests_are_rejected():
         generate(model, [[1] * 100], SamplingParams(max_new_tokens=100))
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], SamplingParams())
+
+
+def test_bf16_model_trains_and_both_paths_stay_close_to_fp32():
+    args = small_args()
+    ref_model = randomize_(Transformer(args), seed=16).eval()
+    model = randomize_(Transformer(args), seed=16).to(torch.bfloat16)
+    ids = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    out = model.train().compute(ids[:, :-1], labels=ids[:, 1:])
+    (out.loss + sum(out.mtp_losses) + out.balance_loss).backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad():
+        ref = ref_model(ids)
+        full = model(ids).float()
+        cache = model.new_cache(2, 24)
+        pos = torch.arange(24)[None].expand(2, 24)
+        dec = torch.cat([model.decode_step(ids[:, t:t + 1], cache, pos[:, t:t + 1]) for t in range(24)], 1).float()
+    # bf16 rounding, and the expert-selection flips it causes, move logits a few percent from
+    # fp32 (2-8% over seeds for these random weights); the absorbed path must not add to that
+    err_full = ((full - ref).norm() / ref.norm()).item()
+    err_dec = ((dec - ref).norm() / ref.norm()).item()
+    assert err_full < 0.15 and err_dec < 0.15
+    assert err_dec <= 1.5 * err_full + 0.01, (err_dec, err_full)
