@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .args import ConfigError, ModelArgs
-from .fp8 import BLOCK, FP8_DTYPE, weight_dequant, weight_quant
+from .fp8 import QUANTIZATION_CONFIG, weight_dequant, weight_quant
 from .rope import RotaryEmbedding
 from .mtp import MTPModule
 from .transformer import Transformer
@@ -330,10 +330,7 @@ def save_checkpoint(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = args.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."))
         if fp8:
-            config["quantization_config"] = {
-                "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                "weight_block_size": [BLOCK, BLOCK],
-            }
+            config["quantization_config"] = dict(QUANTIZATION_CONFIG)
         if model.score is not None:
             config["architectures"] = ["DeepseekV3ForSequenceClassification"]
             config["num_labels"] = 1

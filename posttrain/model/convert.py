@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, _fp8_eligible, _replace_dir, _weight_files
-from .fp8 import BLOCK, FP8_DTYPE, weight_dequant, weight_quant
+from .fp8 import FP8_DTYPE, QUANTIZATION_CONFIG, weight_dequant, weight_quant
 
 _WEIGHT_FILES = {"model.safetensors.index.json", "config.json"}
 
@@ -76,8 +76,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config.pop("quantization_config", None)
         if to == "fp8":
-            config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
-                                             "quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]}
+            config["quantization_config"] = dict(QUANTIZATION_CONFIG)
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for extra in src.iterdir():  # tokenizer, generation config, README, ...

@@ -14,6 +14,9 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
+# What the release writes into config.json for such a checkpoint (vLLM and transformers read it).
+QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                       "weight_block_size": [BLOCK, BLOCK]}
 
 
 def _pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
