@@ -2,6 +2,7 @@
 
     posttrain model info CONFIG            parameter counts and KV-cache size
     posttrain model convert SRC DST --to   FP8 <-> bf16 checkpoint conversion
+    posttrain reward score --reward NAME   score a jsonl of completions
     posttrain demo [--out DIR]             the whole pipeline on the embedded default
 """
 
@@ -58,6 +59,30 @@ def _cmd_model_convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(items: list[str], what: str, parse_json: bool) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"posttrain: error: {what} takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        if parse_json:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # a plain string
+        out[key] = value
+    return out
+
+
+def _cmd_reward_score(ns: argparse.Namespace) -> int:
+    from posttrain.stages.reward_score import print_summary, score_file
+
+    summary = score_file(ns.reward, Path(ns.data), Path(ns.out), _pairs(ns.map, "--map", False),
+                         ns.batch_size, _pairs(ns.option, "--option", True))
+    print_summary(summary)
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from posttrain.stages.demo import run_demo
 
@@ -85,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dtype of the non-FP8 tensors written")
     conv.set_defaults(func=_cmd_model_convert)
 
+    rew = sub.add_parser("reward", help="rule-based rewards")
+    rsub = rew.add_subparsers(dest="reward_command", required=True)
+    score = rsub.add_parser("score", help="score a jsonl of completions (progress bar, summary, rejects file)")
+    score.add_argument("--reward", required=True, help="math, code, format, overlong, repetition, language, cosine")
+    score.add_argument("--data", required=True, help="jsonl: completion, prompt, and the reward's columns")
+    score.add_argument("--out", required=True, help="scored jsonl (plus .summary.json and .rejects.jsonl)")
+    score.add_argument("--map", action="append", metavar="OURS=THEIRS",
+                       help="read a field under another name, e.g. completion=response, answer=gold")
+    score.add_argument("--option", action="append", metavar="KEY=VALUE",
+                       help="reward constructor option, e.g. deadline_s=2 or ignore_think=false")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.set_defaults(func=_cmd_reward_score)
+
     demo = sub.add_parser("demo", help="run the pipeline on the embedded default (tiny model, local tokenizer)")
     demo.add_argument("--out", default="demo_out", help="output directory (summary.json, checkpoints, reports)")
     demo.add_argument("--seed", type=int, default=0)
@@ -99,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return ns.func(ns)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, KeyError) as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
 

@@ -82,4 +82,6 @@ def test_demo_writes_summary_and_a_loadable_checkpoint(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "checkpoints" / "init")
     assert len(tok) <= args.vocab_size
+    r = summary["reward"]
+    assert r["agree_with_truth"] == r["scored"] == 60 and r["format_ok"] == 40
     assert "not built yet" in out.stdout

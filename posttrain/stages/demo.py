@@ -21,8 +21,7 @@ from posttrain.model.generate import SamplingParams, generate
 from posttrain.paths import model_config
 
 # Later stages, in pipeline order; each one's issue adds it to the demo.
-PENDING_STAGES = ("reward (rule-based rewards)", "distill (generate / filter / export)", "sft",
-                  "rm (reward model train / eval)", "grpo")
+PENDING_STAGES = ("distill (generate / filter / export)", "sft", "rm (reward model train / eval)", "grpo")
 
 
 def _training_batch(tokenizer, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +101,39 @@ def _model_stage(out: Path, seed: int) -> dict:
     }
 
 
+def _reward_stage(seed: int) -> dict:
+    """The rule-based rewards on worked solutions of the synthetic task: right answers, wrong
+    answers and unfinished reasoning must be told apart."""
+    import reward
+    from posttrain.embedded import make_problems
+
+    problems = make_problems(60, seed=seed + 2)
+    completions, golds, expected = [], [], []
+    for i, p in enumerate(problems):
+        steps = "\n".join(p.steps)
+        kind = i % 3
+        answer = p.answer if kind == 0 else str(int(p.answer) + 1 + i % 7)
+        text = f"<think>\n{steps}\n</think>\nThe answer is \\boxed{{{answer}}}."
+        if kind == 2:
+            text = f"<think>\n{steps}\nWait, let me check \\boxed{{{p.answer}}} again"  # never finished
+        completions.append(text)
+        golds.append(p.answer)
+        expected.append(1.0 if kind == 0 else 0.0)
+    math_reward, fmt = reward.get("math"), reward.get("format")
+    t = time.perf_counter()
+    scores = math_reward(None, completions, answer=golds)
+    per_s = len(completions) / (time.perf_counter() - t)
+    formats = fmt(None, completions)
+    agree = sum(s == e for s, e in zip(scores, expected))
+    print(f"[reward] math reward agrees with the truth on {agree}/{len(completions)} worked solutions "
+          f"(right, wrong and unfinished); format reward passes {int(sum(formats))}; {per_s:.0f} scored/s")
+    return {"scored": len(completions), "agree_with_truth": agree, "format_ok": int(sum(formats)),
+            "per_s": round(per_s, 1)}
+
+
 def run_demo(out: Path, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"model": _model_stage(out, seed)}
+    summary: dict = {"model": _model_stage(out, seed), "reward": _reward_stage(seed)}
     summary["not_built_yet"] = list(PENDING_STAGES)
     atomic_write_json(out / "summary.json", summary)
     print(f"\nsummary written to {out / 'summary.json'}")

@@ -1,0 +1,83 @@
+"""Code reward on HumanEval, MBPP-style and stdin/stdout tests."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+import reward
+from reward.code_reward import extract_code
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return [json.loads(line) for line in gzip.open(DATA / "humaneval.jsonl.gz", "rt")]
+
+
+@pytest.fixture(scope="module")
+def code_reward():
+    return reward.get("code")
+
+
+def _cols(rows):
+    return dict(test=[r["test"] for r in rows], entry_point=[r["entry_point"] for r in rows])
+
+
+def test_all_canonical_humaneval_solutions_pass(humaneval, code_reward):
+    results = code_reward.score_detailed([r["prompt"] for r in humaneval], [r["canonical_solution"] for r in humaneval],
+                                         **_cols(humaneval))
+    assert len(results) == 164
+    failing = [(r["task_id"], x.reason) for r, x in zip(humaneval, results) if x.score != 1.0]
+    assert failing == []
+    assert sum(x.total for x in results) > 164 * 3  # asserts are counted one by one
+
+
+@pytest.mark.parametrize("body", ["    pass\n", "    return None\n"])
+def test_stub_bodies_fail(humaneval, code_reward, body):
+    scores = code_reward([r["prompt"] for r in humaneval], [body] * len(humaneval), **_cols(humaneval))
+    assert sum(s < 1.0 for s in scores) >= 0.95 * len(humaneval)
+
+
+def test_full_program_in_a_fence_after_think(humaneval, code_reward):
+    task = humaneval[0]
+    answer = ("<think>I will loop over pairs.</think>\nHere it is:\n```python\n"
+              + task["prompt"] + task["canonical_solution"] + "```\n")
+    assert code_reward([None], [answer], **_cols([task])) == [1.0]
+    wrong = answer.replace("return True", "return False")
+    assert code_reward([None], [wrong], **_cols([task]))[0] < 1.0
+
+
+def test_fraction_of_tests_passed_and_reasons(code_reward):
+    tests = "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(2) == 3\n    assert candidate(3) == 5\n"
+    [res] = code_reward.score_detailed([None], ["def inc(x):\n    return x + 1\n"], test=[tests], entry_point=["inc"])
+    assert res.score == pytest.approx(2 / 3) and res.passed == 2 and res.total == 3
+    assert "test 2" in res.reason
+
+
+def test_mbpp_style_test_list(code_reward):
+    code = "def remove_Occ(s, ch):\n    return s.replace(ch, '')\n"
+    tests = ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"',
+             'assert remove_Occ("PHP","P") == "H"']
+    assert code_reward([None], [code], test_list=[tests]) == [1.0]
+    assert code_reward([None], ["def remove_Occ(s, ch):\n    return s\n"], test_list=[tests]) == [0.0]
+
+
+def test_stdin_stdout_cases(code_reward):
+    code = "n = int(input())\nprint(sum(range(n + 1)))\n"
+    cols = dict(inputs=[["3\n", "10\n", "0\n"]], outputs=[["6\n", "55", "1\n"]])
+    [res] = code_reward.score_detailed([None], [code], **cols)
+    assert res.score == pytest.approx(2 / 3) and "case 2: wrong answer" in res.reason
+
+
+def test_samples_without_tests_are_not_applicable(code_reward):
+    assert code_reward([None, None], ["print(1)", "x"], test=[None, None]) == [None, None]
+
+
+def test_extract_code_prefers_the_last_python_fence():
+    text = "```\nnot this\n```\n```python\nfirst\n```\ntext\n```python\nsecond\n```"
+    assert extract_code(text) == "second\n"
+    assert extract_code("<think>```python\nx\n```") is None
+    assert extract_code("plain code") == "plain code"
