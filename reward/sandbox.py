@@ -85,8 +85,15 @@ class SandboxResult:
 
 
 class Sandbox:
-    def __init__(self, max_parallel: int | None = None, uid_base: int = 61000, isolate: bool = True):
+    _instances = 0
+    _instances_lock = threading.Lock()
+
+    def __init__(self, max_parallel: int | None = None, uid_base: int | None = None, isolate: bool = True):
         self.max_parallel = max_parallel or os.cpu_count() or 2
+        if uid_base is None:  # each sandbox in a process gets its own uids, so their limits never mix
+            with Sandbox._instances_lock:
+                uid_base = 61000 + 256 * Sandbox._instances
+                Sandbox._instances += 1
         self.uid_base = uid_base
         self._slots: queue.Queue[int] = queue.Queue()
         for k in range(self.max_parallel):
