@@ -3,6 +3,7 @@
     posttrain model info CONFIG            parameter counts and KV-cache size
     posttrain model convert SRC DST --to   FP8 <-> bf16 checkpoint conversion
     posttrain reward score --reward NAME   score a jsonl of completions
+    posttrain distill generate|filter|export   R1-style distillation data
     posttrain demo [--out DIR]             the whole pipeline on the embedded default
 """
 
@@ -83,6 +84,50 @@ def _cmd_reward_score(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill_generate(ns: argparse.Namespace) -> int:
+    from data_recipes.prompt_sets import FieldMap, load_prompts
+    from data_recipes.r1_prompts import R1_SYSTEM_PROMPT
+    from posttrain.engines import SamplingConfig, make_engine
+    from posttrain.stages.distill_generate import generate
+
+    fields = None
+    if ns.map:
+        fields = FieldMap(**_pairs(ns.map, "--map", False))
+    prompts, rejects = load_prompts(ns.prompts, fields, ns.limit, ns.seed)
+    system = R1_SYSTEM_PROMPT if ns.system_prompt is None else (
+        Path(ns.system_prompt[1:]).read_text() if ns.system_prompt.startswith("@") else ns.system_prompt) or None
+    engine = make_engine(ns.engine, ns.model, ns.base_url, ns.api_key_env, ns.concurrency, ns.rps, ns.dtype,
+                         ns.max_model_len, ns.latency)
+    sampling = SamplingConfig(n=ns.n, max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                              seed=ns.seed)
+    summary = generate(prompts, engine, sampling, Path(ns.out), system, ns.chunk_size, rejects)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_distill_filter(ns: argparse.Namespace) -> int:
+    from data_recipes.distill_filters import FilterConfig
+    from posttrain.stages.distill_filter import run_filter
+
+    cfg = FilterConfig(**_pairs(ns.set, "--set", True))
+    cfg.decontaminate = list(ns.decontaminate or cfg.decontaminate)
+    summary = run_filter(Path(ns.input), Path(ns.out), cfg)
+    print(f"kept {summary['kept']} of {summary['records']} records; rejected {summary['rejected']}:")
+    for why, k in summary["reasons"].items():
+        print(f"  {k:6d}  {why}")
+    print(f"outputs in {ns.out}: kept.jsonl, rejects.jsonl, summary.json")
+    return 0
+
+
+def _cmd_distill_export(ns: argparse.Namespace) -> int:
+    from data_recipes.r1_prompts import R1_SYSTEM_PROMPT
+    from posttrain.stages.distill_export import export
+
+    system = None if ns.no_system_prompt else R1_SYSTEM_PROMPT
+    print(json.dumps(export(Path(ns.input), Path(ns.out), ns.format, ns.kinds, system), indent=2))
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from posttrain.stages.demo import run_demo
 
@@ -123,6 +168,48 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=64)
     score.set_defaults(func=_cmd_reward_score)
 
+    dis = sub.add_parser("distill", help="R1-style distillation: generate, filter, export")
+    dsub = dis.add_subparsers(dest="distill_command", required=True)
+    gen = dsub.add_parser("generate", help="N teacher samples per prompt; sharded, resumable")
+    gen.add_argument("--prompts", required=True,
+                     help="recipe (gsm8k, gsm8k-test, math500, humaneval, synthetic), .jsonl/.parquet, HF dir, hf:NAME")
+    gen.add_argument("--map", action="append", metavar="FIELD=SOURCE",
+                     help="field mapping for files: problem=question, answer=gold, id=uid, test=..., task=math")
+    gen.add_argument("--limit", type=int)
+    gen.add_argument("--engine", choices=["torch", "vllm", "openai", "scripted"], default="scripted")
+    gen.add_argument("--model", help="checkpoint directory (torch, vllm) or served model name (openai)")
+    gen.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000")
+    gen.add_argument("--api-key-env", help="environment variable that holds the API key")
+    gen.add_argument("--concurrency", type=int, default=8)
+    gen.add_argument("--rps", type=float, help="request rate limit (per second)")
+    gen.add_argument("--dtype", default="float32")
+    gen.add_argument("--max-model-len", type=int)
+    gen.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)  # scripted teacher: simulated delay
+    gen.add_argument("--system-prompt", help="text, @FILE, or '' for none (default: the R1-style prompt)")
+    gen.add_argument("--n", type=int, default=4)
+    gen.add_argument("--max-tokens", type=int, default=2048)
+    gen.add_argument("--temperature", type=float, default=0.6)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chunk-size", type=int, default=64)
+    gen.add_argument("--out", required=True)
+    gen.set_defaults(func=_cmd_distill_generate)
+    fil = dsub.add_parser("filter", help="verify, check completeness/readability, dedup, decontaminate")
+    fil.add_argument("--input", required=True, help="a `distill generate` directory or a jsonl file")
+    fil.add_argument("--out", required=True)
+    fil.add_argument("--decontaminate", action="append", metavar="BENCHMARK",
+                     help="recipe name (math500, gsm8k-test, humaneval) or jsonl file; repeatable")
+    fil.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="filter setting, e.g. keep_per_prompt=1, min_reflections=1, max_pass_rate=0.9")
+    fil.set_defaults(func=_cmd_distill_filter)
+    exp = dsub.add_parser("export", help="SFT-ready chat data with provenance")
+    exp.add_argument("--input", required=True, help="a `distill filter` directory or its kept.jsonl")
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--format", choices=["jsonl", "parquet", "hf"], default="jsonl")
+    exp.add_argument("--kinds", choices=["r1", "both"], default="r1")
+    exp.add_argument("--no-system-prompt", action="store_true")
+    exp.set_defaults(func=_cmd_distill_export)
+
     demo = sub.add_parser("demo", help="run the pipeline on the embedded default (tiny model, local tokenizer)")
     demo.add_argument("--out", default="demo_out", help="output directory (summary.json, checkpoints, reports)")
     demo.add_argument("--seed", type=int, default=0)
@@ -134,10 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     from posttrain.model.args import ConfigError
     from posttrain.model.checkpoint import CheckpointError
+    from posttrain.stages.distill_generate import ManifestMismatch
 
     try:
         return ns.func(ns)
-    except (ConfigError, CheckpointError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ManifestMismatch) as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
 

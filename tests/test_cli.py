@@ -84,4 +84,9 @@ def test_demo_writes_summary_and_a_loadable_checkpoint(tmp_path):
     assert len(tok) <= args.vocab_size
     r = summary["reward"]
     assert r["agree_with_truth"] == r["scored"] == 60 and r["format_ok"] == 40
+    d = summary["distill"]
+    assert d["generated"] == 256 and d["kept"] + sum(d["rejected"].values()) == 256
+    assert d["rejected"]["wrong_answer"] > 0 and 64 <= d["kept"] <= 128
+    sft = [json.loads(l) for l in (tmp_path / "distill" / "sft.jsonl").read_text().splitlines()]
+    assert len(sft) == d["kept"] and sft[0]["messages"][-1]["role"] == "assistant"
     assert "not built yet" in out.stdout

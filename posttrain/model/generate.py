@@ -47,8 +47,10 @@ class Generation:
     prompt_len: int = 0
 
 
-def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row from float32 logits."""
+def sample_next(logits_BV: torch.Tensor, params: SamplingParams,
+                generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Pick one token per row from float32 logits (one generator per row draws that row's
+    token, so a row's samples do not depend on what else is in the batch)."""
     if params.temperature == 0:
         return logits_BV.argmax(-1)
     logits = logits_BV / params.temperature
@@ -63,6 +65,8 @@ def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torc
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g) for b, g in enumerate(generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -72,8 +76,13 @@ def generate(
     prompts: list[list[int]],
     params: SamplingParams | None = None,
     pad_token_id: int | None = None,
+    seeds: list[int] | None = None,
 ) -> list[Generation]:
-    """Generate for a batch of token-id prompts; returns one Generation per prompt (new tokens only)."""
+    """Generate for a batch of token-id prompts; returns one Generation per prompt (new tokens only).
+
+    seeds: one per prompt; each row then samples from its own generator, so its output is the
+    same whatever batch it is in (up to floating-point differences of batched matmuls).
+    """
     params = (params or SamplingParams()).validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -91,8 +100,12 @@ def generate(
         ids[b, max_prompt - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
         real[b, max_prompt - len(p):] = True
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    generator = None
-    if params.seed is not None:
+    generator: torch.Generator | list[torch.Generator] | None = None
+    if seeds is not None:
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    elif params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
 
     was_training = model.training

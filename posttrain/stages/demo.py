@@ -21,7 +21,7 @@ from posttrain.model.generate import SamplingParams, generate
 from posttrain.paths import model_config
 
 # Later stages, in pipeline order; each one's issue adds it to the demo.
-PENDING_STAGES = ("distill (generate / filter / export)", "sft", "rm (reward model train / eval)", "grpo")
+PENDING_STAGES = ("sft", "rm (reward model train / eval)", "grpo")
 
 
 def _training_batch(tokenizer, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +131,33 @@ def _reward_stage(seed: int) -> dict:
             "per_s": round(per_s, 1)}
 
 
+def _distill_stage(out: Path, seed: int) -> dict:
+    """generate -> filter -> export with the scripted R1-style teacher on synthetic prompts."""
+    from data_recipes.distill_filters import FilterConfig
+    from data_recipes.prompt_sets import load_prompts
+    from posttrain.embedded import build_tokenizer
+    from posttrain.embedded.teacher import ScriptedTeacher
+    from posttrain.engines import SamplingConfig
+    from posttrain.stages.distill_export import export
+    from posttrain.stages.distill_filter import run_filter
+    from posttrain.stages.distill_generate import generate
+
+    prompts, _ = load_prompts("synthetic", limit=64, seed=seed + 3)
+    teacher = ScriptedTeacher(build_tokenizer())
+    gen = generate(prompts, teacher, SamplingConfig(n=4, max_tokens=1024, seed=seed), out / "distill" / "generated",
+                   progress=False)
+    filt = run_filter(out / "distill" / "generated", out / "distill" / "filtered", FilterConfig(keep_per_prompt=2))
+    exp = export(out / "distill" / "filtered", out / "distill" / "sft.jsonl", kinds="r1")
+    reasons = ", ".join(f"{k} {v}" for k, v in filt["reasons"].items())
+    print(f"[distill] {gen['samples']} samples from the scripted teacher for {len(prompts)} prompts; kept "
+          f"{filt['kept']}, rejected {filt['rejected']} ({reasons}); {exp['rows']} SFT rows in {exp['output']}")
+    return {"generated": gen["samples"], "kept": filt["kept"], "rejected": filt["reasons"]}
+
+
 def run_demo(out: Path, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"model": _model_stage(out, seed), "reward": _reward_stage(seed)}
+    summary: dict = {"model": _model_stage(out, seed), "reward": _reward_stage(seed),
+                     "distill": _distill_stage(out, seed)}
     summary["not_built_yet"] = list(PENDING_STAGES)
     atomic_write_json(out / "summary.json", summary)
     print(f"\nsummary written to {out / 'summary.json'}")

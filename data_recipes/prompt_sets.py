@@ -1,0 +1,182 @@
+"""Prompt sets for distillation: files (jsonl, parquet), HF datasets, and built-in recipes.
+
+A prompt set is read into `PromptRecord`s: a stable id, the problem text, the task kind
+(what verifies its answers: "math", "code", or None) and the columns verifiers and exports
+need (gold `answer`, code `test` + `entry_point`, the dataset's own `reference` solution).
+A field mapping says where each lives in the source. Records that cannot be used are
+returned as rejects with a reason, never dropped silently.
+
+Built-in recipes read the real data in ../shared/data (or $POSTTRAIN_SHARED_DATA):
+gsm8k (train), math500, humaneval, and `synthetic`, the embedded arithmetic task.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reward.math_answer import gsm8k_gold
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("POSTTRAIN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@dataclass
+class PromptRecord:
+    id: str
+    problem: str
+    task: str | None = None                 # "math" | "code" | None
+    columns: dict[str, Any] = field(default_factory=dict)  # answer, test, entry_point, reference, ...
+
+
+@dataclass
+class FieldMap:
+    """Source field names. `answer_format="gsm8k"` takes the number after '####'."""
+
+    problem: str = "problem"
+    id: str | None = None
+    answer: str | None = None
+    answer_format: str = "plain"
+    reference: str | None = None
+    test: str | None = None
+    entry_point: str | None = None
+    code_prompt: str | None = None
+    task: str | None = None                 # fixed task kind for the whole set
+
+
+RECIPES: dict[str, tuple[str, FieldMap]] = {
+    "gsm8k": ("gsm8k_train.jsonl", FieldMap(problem="question", answer="answer", answer_format="gsm8k",
+                                            reference="answer", task="math")),
+    "gsm8k-test": ("gsm8k_test.jsonl", FieldMap(problem="question", answer="answer", answer_format="gsm8k",
+                                                reference="answer", task="math")),
+    "math500": ("math500_test.jsonl", FieldMap(problem="problem", id="unique_id", answer="answer",
+                                               reference="solution", task="math")),
+    "humaneval": ("humaneval.jsonl.gz", FieldMap(problem="prompt", id="task_id", test="test",
+                                                 entry_point="entry_point", code_prompt="prompt",
+                                                 reference="canonical_solution", task="code")),
+}
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield n, None, "not UTF-8"
+                continue
+            except json.JSONDecodeError as e:
+                yield n, None, f"invalid JSON: {e.msg}"
+                continue
+            if not isinstance(rec, dict):
+                yield n, None, f"a line must be a JSON object, got {type(rec).__name__}"
+                continue
+            yield n, rec, None
+
+
+def _read_table(source: str) -> Iterator[tuple[int, dict | None, str | None]]:
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
+        yield from _read_jsonl(path)
+        return
+    import datasets
+
+    if path.suffix == ".parquet":
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    elif path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    elif source.startswith("hf:"):  # hf:name[:config][@split]
+        name, _, split = source[3:].partition("@")
+        name, _, config = name.partition(":")
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    else:
+        raise FileNotFoundError(f"prompt source {source!r}: not a recipe ({', '.join(sorted(RECIPES))}, synthetic), "
+                                "a .jsonl/.parquet file, a saved HF dataset directory, or hf:NAME")
+    for n, rec in enumerate(ds, start=1):
+        yield n, dict(rec), None
+
+
+def _convert(n: int, rec: dict, fields: FieldMap, source_name: str) -> tuple[PromptRecord | None, str | None]:
+    problem = rec.get(fields.problem)
+    if problem is None:
+        return None, f"missing field {fields.problem!r}"
+    if not isinstance(problem, str):
+        return None, f"field {fields.problem!r} must be a string, got {type(problem).__name__}"
+    if not problem.strip():
+        return None, "empty problem"
+    rid = rec.get(fields.id) if fields.id else None
+    if fields.id and rid is None:
+        return None, f"missing field {fields.id!r}"
+    rid = str(rid) if rid is not None else f"{source_name}-{n}"
+    cols: dict[str, Any] = {}
+    if fields.answer:
+        gold = rec.get(fields.answer)
+        if gold is None:
+            return None, f"missing field {fields.answer!r}"
+        if not isinstance(gold, (str, int, float)) or isinstance(gold, bool):
+            return None, f"field {fields.answer!r} must be a string or number, got {type(gold).__name__}"
+        if fields.answer_format == "gsm8k":
+            try:
+                gold = gsm8k_gold(str(gold))
+            except ValueError as e:
+                return None, str(e)
+        cols["answer"] = str(gold)
+    for key in ("reference", "test", "entry_point", "code_prompt"):
+        name = getattr(fields, key)
+        if name:
+            value = rec.get(name)
+            if value is None and key in ("test", "entry_point"):
+                return None, f"missing field {name!r}"
+            if value is not None and not isinstance(value, str):
+                return None, f"field {name!r} must be a string, got {type(value).__name__}"
+            if value is not None:
+                cols[key] = value
+    task = fields.task or ("code" if "test" in cols else "math" if "answer" in cols else None)
+    return PromptRecord(rid, problem, task, cols), None
+
+
+def load_prompts(source: str, fields: FieldMap | None = None, limit: int | None = None,
+                 seed: int = 0) -> tuple[list[PromptRecord], list[dict]]:
+    """(usable records, rejects as {"source", "line", "id", "reason"}) from a recipe or a file."""
+    if source == "synthetic":
+        from posttrain.embedded import make_problems
+
+        problems = make_problems(limit or 256, seed=seed)
+        return [PromptRecord(p.id, p.question, "math", {"answer": p.answer, "reference": "\n".join(p.steps)})
+                for p in problems], []
+    if source in RECIPES:
+        filename, recipe_fields = RECIPES[source]
+        path = shared_data_dir() / filename
+        if not path.exists():
+            raise FileNotFoundError(f"recipe {source!r} reads {path}, which is missing "
+                                    "(set POSTTRAIN_SHARED_DATA to the directory that holds it)")
+        fields, name, table = fields or recipe_fields, source, _read_jsonl(path)
+    else:
+        fields, name, table = fields or FieldMap(), Path(source).stem or "prompts", _read_table(source)
+    records, rejects, seen = [], [], set()
+    for n, rec, why in table:
+        if rec is not None:
+            prompt, why = _convert(n, rec, fields, name)
+            if prompt is not None and prompt.id in seen:
+                prompt, why = None, f"duplicate id {prompt.id!r}"
+            if prompt is not None:
+                seen.add(prompt.id)
+                records.append(prompt)
+                if limit and len(records) >= limit:
+                    break
+                continue
+        rejects.append({"source": name, "line": n, "reason": why})
+    return records, rejects

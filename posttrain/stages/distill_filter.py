@@ -1,0 +1,75 @@
+"""`posttrain distill filter`: keep what is correct, complete and readable; explain every drop.
+
+Input: a `distill generate` output directory, or jsonl files of records with at least
+`completion`, `problem` and `prompt_id` (others: `id`, `sample_idx`, `task`, `finish_reason`,
+`completion_tokens`, and the verifier columns `answer` / `test` + `entry_point`).
+Output directory: kept.jsonl, rejects.jsonl (each record with `reject_reason`; unreadable
+lines with the line and the reason), summary.json (counts per reason, pass rates, markers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from data_recipes.distill_filters import FilterConfig, filter_records
+from posttrain.io_utils import atomic_write_json, atomic_write_text
+
+REQUIRED = {"completion": str, "problem": str, "prompt_id": (str, int)}
+
+
+def read_generated(source: Path) -> tuple[list[dict], list[dict]]:
+    """(records, bad lines as rejects) from a generate directory or a jsonl file."""
+    files = sorted((source / "shards").glob("gen-*.jsonl")) if source.is_dir() else [source]
+    if source.is_dir() and not files:
+        raise FileNotFoundError(f"{source} has no shards/gen-*.jsonl: is it a `distill generate` output?")
+    records, bad = [], []
+    for path in files:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                where = {"file": str(path), "line": n}
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    bad.append({**where, "reject_reason": "bad_record: not UTF-8"})
+                    continue
+                except json.JSONDecodeError as e:
+                    bad.append({**where, "reject_reason": f"bad_record: invalid JSON ({e.msg})"})
+                    continue
+                if not isinstance(rec, dict):
+                    bad.append({**where, "reject_reason": "bad_record: not a JSON object"})
+                    continue
+                problem = next((f"missing field {k!r}" if k not in rec else f"field {k!r} has the wrong type"
+                                for k, t in REQUIRED.items() if not isinstance(rec.get(k), t)), None)
+                if problem:
+                    bad.append({**where, "reject_reason": f"bad_record: {problem}"})
+                    continue
+                rec["prompt_id"] = str(rec["prompt_id"])
+                rec.setdefault("sample_idx", 0)
+                rec.setdefault("id", f"{rec['prompt_id']}#{rec['sample_idx']}")
+                rec.setdefault("finish_reason", "stop")
+                rec.setdefault("task", "math" if "answer" in rec else "code" if "test" in rec else None)
+                records.append(rec)
+    return records, bad
+
+
+def run_filter(source: Path, out: Path, cfg: FilterConfig) -> dict:
+    records, bad = read_generated(source)
+    kept, rejects, pass_rate = filter_records(records, cfg)
+    rejects = bad + rejects
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "kept.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    atomic_write_text(out / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    rates = list(pass_rate.values())
+    summary = {
+        "input": str(source), "records": len(records) + len(bad), "kept": len(kept), "rejected": len(rejects),
+        "reasons": dict(Counter(r["reject_reason"].split(":")[0] for r in rejects).most_common()),
+        "prompts": len({r["prompt_id"] for r in records}), "prompts_kept": len({r["prompt_id"] for r in kept}),
+        "mean_pass_rate": sum(rates) / len(rates) if rates else None,
+        "mean_reflection_markers_kept": (sum(r["reflection_markers"] for r in kept) / len(kept)) if kept else None,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary

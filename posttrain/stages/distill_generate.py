@@ -1,0 +1,149 @@
+"""`posttrain distill generate`: N teacher samples per prompt, sharded and resumable.
+
+Prompts are cut into fixed chunks in input order; each chunk becomes one shard file, written
+under a temporary name and renamed when the whole chunk is done. A run killed at any point
+and started again with the same settings skips the finished shards and redoes only the
+chunk that was in flight, so the output holds every (prompt, sample) exactly once. Each
+prompt's seed derives from the run seed and the prompt id, so a redone chunk reproduces
+the same samples. A manifest pins the settings: rerunning into the same directory with
+different ones is an error instead of a silent mix.
+
+Output directory:
+    manifest.json            settings, prompt count, teacher
+    shards/gen-00000.jsonl   one record per (prompt, sample)
+    prompt_rejects.jsonl     prompts that could not be used, with the reason
+    summary.json             counts
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_recipes.prompt_sets import PromptRecord
+from data_recipes.r1_prompts import R1_SYSTEM_PROMPT, build_messages
+from posttrain.engines.base import Engine, SamplingConfig, prompt_seed, sample_seed
+from posttrain.io_utils import atomic_write_json, atomic_write_text
+
+
+class ManifestMismatch(RuntimeError):
+    """The output directory holds a run with different settings."""
+
+
+def _fingerprint(prompts: list[PromptRecord], sampling: SamplingConfig, system_prompt: str | None,
+                 chunk_size: int, teacher: dict) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(json.dumps([p.id, p.problem, p.task, p.columns], sort_keys=True).encode())
+    h.update(json.dumps([sampling.as_dict(), system_prompt, chunk_size, teacher], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _records(chunk: list[PromptRecord], messages: list[list[dict]], samples, sampling: SamplingConfig,
+             seeds: list[int], teacher: dict) -> Iterator[dict]:
+    for rec, msgs, outs, seed in zip(chunk, messages, samples, seeds):
+        for j, s in enumerate(outs):
+            yield {
+                "id": f"{rec.id}#{j}", "prompt_id": rec.id, "sample_idx": j, "task": rec.task,
+                "problem": rec.problem, "messages": msgs, "completion": s.text,
+                "finish_reason": s.finish_reason, "completion_tokens": len(s.token_ids),
+                "teacher": teacher, "sampling": sampling.as_dict(), "seed": sample_seed(seed, j),
+                **rec.columns,
+            }
+
+
+def _too_long(engine: Engine, msgs: list[dict], sampling: SamplingConfig) -> str | None:
+    """Reason a prompt cannot fit the engine's context, when the engine can tell."""
+    limit = getattr(engine, "max_model_len", None)
+    if limit is None or not hasattr(engine, "prompt_ids"):
+        return None
+    n = len(engine.prompt_ids(msgs))
+    if n + sampling.max_tokens > limit:
+        return f"prompt of {n} tokens + max_tokens {sampling.max_tokens} exceeds the engine's context of {limit}"
+    return None
+
+
+def generate(prompts: list[PromptRecord], engine: Engine, sampling: SamplingConfig, out: Path,
+             system_prompt: str | None = R1_SYSTEM_PROMPT, chunk_size: int = 64,
+             prompt_rejects: list[dict] | None = None, progress: bool = True) -> dict:
+    sampling.validate()
+    out.mkdir(parents=True, exist_ok=True)
+    shards = out / "shards"
+    shards.mkdir(exist_ok=True)
+    clean_stale_temporaries(out)
+    teacher = engine.describe()
+    fingerprint = _fingerprint(prompts, sampling, system_prompt, chunk_size, teacher)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("fingerprint") != fingerprint:
+            raise ManifestMismatch(f"{out} holds a generation run with other prompts or settings; "
+                                   "use a new --out (or delete it) to start over")
+    else:
+        atomic_write_json(manifest_path, {
+            "fingerprint": fingerprint, "prompts": len(prompts), "chunk_size": chunk_size,
+            "sampling": sampling.as_dict(), "system_prompt": system_prompt, "teacher": teacher,
+        })
+
+    rejects = list(prompt_rejects or [])
+    usable: list[tuple[PromptRecord, list[dict]]] = []
+    for rec in prompts:
+        msgs = build_messages(rec, system_prompt)
+        why = _too_long(engine, msgs, sampling)
+        if why:
+            rejects.append({"id": rec.id, "reason": why})
+        else:
+            usable.append((rec, msgs))
+    atomic_write_text(out / "prompt_rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+
+    chunks = [usable[i:i + chunk_size] for i in range(0, len(usable), chunk_size)]
+    done = resumed = 0
+    with tqdm(total=len(chunks), desc="distill generate", unit="chunk", disable=not progress) as bar:
+        for k, chunk in enumerate(chunks):
+            path = shards / f"gen-{k:05d}.jsonl"
+            if path.exists():
+                resumed += 1
+                bar.update(1)
+                continue
+            recs = [r for r, _ in chunk]
+            messages = [m for _, m in chunk]
+            seeds = [prompt_seed(sampling.seed, r.id) for r in recs]
+            samples = engine.generate(messages, sampling, seeds)
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                            for r in _records(recs, messages, samples, sampling, seeds, teacher))
+            atomic_write_text(path, lines)
+            done += 1
+            bar.update(1)
+    generated = sum(1 for _ in iter_generated(out))
+    finish = Counter(r["finish_reason"] for r in iter_generated(out))
+    summary = {"prompts": len(prompts), "prompts_used": len(usable), "prompts_rejected": len(rejects),
+               "reject_reasons": dict(Counter(r["reason"] for r in rejects)), "samples": generated,
+               "finish_reasons": dict(finish), "shards": len(chunks), "shards_written": done,
+               "shards_resumed": resumed, "teacher": teacher}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def iter_generated(out: Path) -> Iterator[dict]:
+    """Every generated record, shard by shard, in prompt order."""
+    for path in sorted((out / "shards").glob("gen-*.jsonl")):
+        with open(path) as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def clean_stale_temporaries(out: Path) -> int:
+    """Remove half-written shard files a killed run left behind (they are never read)."""
+    n = 0
+    for tmp in (out / "shards").glob(".gen-*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+__all__ = ["generate", "iter_generated", "ManifestMismatch", "clean_stale_temporaries"]
