@@ -132,3 +132,24 @@ def test_string_prompts_use_completions_and_bad_requests_fail_fast(serve):
     dead = OpenAIEngine("http://127.0.0.1:9", "m", max_retries=2, backoff_s=0.01, timeout_s=1)
     with pytest.raises(EngineRequestError, match="gave up after 3 attempts"):
         dead.generate(["x"], SamplingConfig())
+
+
+def test_generate_stage_rejects_only_the_prompts_a_server_refuses(serve, tmp_path):
+    """One prompt the server answers with HTTP 400 goes to the errors file; the rest are generated."""
+    from data_recipes.prompt_sets import PromptRecord
+    from posttrain.stages.distill_generate import generate, iter_generated
+
+    healthy = Scripted()
+
+    def responder(path, body):
+        if "poison" in body["messages"][-1]["content"]:
+            return 400, {"error": "context length exceeded"}
+        return healthy(path, body)
+
+    engine = OpenAIEngine(serve(responder), "teacher", backoff_s=0.01)
+    prompts = [PromptRecord(f"p{i}", "poison" if i == 3 else f"question {i}") for i in range(6)]
+    summary = generate(prompts, engine, SamplingConfig(n=2), tmp_path, chunk_size=4, progress=False)
+    assert summary["samples"] == 10 and summary["engine_errors"] == 1
+    assert {r["prompt_id"] for r in iter_generated(tmp_path)} == {"p0", "p1", "p2", "p4", "p5"}
+    errors = (tmp_path / "shards" / "errors-00000.jsonl").read_text()
+    assert '"p3"' in errors and "HTTP 400" in errors

@@ -72,6 +72,10 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class EngineError(RuntimeError):
+    """A prompt the engine could not serve (e.g. a request rejected by the server)."""
+
+
 class Engine(ABC):
     """A generator of samples. Subclasses set `name` (recorded as provenance)."""
 

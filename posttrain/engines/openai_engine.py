@@ -18,12 +18,12 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import Engine, Prompt, Sample, SamplingConfig, sample_seed
+from .base import Engine, EngineError, Prompt, Sample, SamplingConfig, sample_seed
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
-class EngineRequestError(RuntimeError):
+class EngineRequestError(EngineError):
     """A request that still failed after every retry."""
 
 

@@ -11,6 +11,7 @@ different ones is an error instead of a silent mix.
 Output directory:
     manifest.json            settings, prompt count, teacher
     shards/gen-00000.jsonl   one record per (prompt, sample)
+    shards/errors-00000.jsonl  prompts of that chunk the engine could not serve, with the error
     prompt_rejects.jsonl     prompts that could not be used, with the reason
     summary.json             counts
 """
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from data_recipes.prompt_sets import PromptRecord
 from data_recipes.r1_prompts import R1_SYSTEM_PROMPT, build_messages
-from posttrain.engines.base import Engine, SamplingConfig, prompt_seed, sample_seed
+from posttrain.engines.base import Engine, EngineError, SamplingConfig, prompt_seed, sample_seed
 from posttrain.io_utils import atomic_write_json, atomic_write_text
 
 
@@ -47,7 +48,7 @@ def _fingerprint(prompts: list[PromptRecord], sampling: SamplingConfig, system_p
 def _records(chunk: list[PromptRecord], messages: list[list[dict]], samples, sampling: SamplingConfig,
              seeds: list[int], teacher: dict) -> Iterator[dict]:
     for rec, msgs, outs, seed in zip(chunk, messages, samples, seeds):
-        for j, s in enumerate(outs):
+        for j, s in enumerate(outs or []):  # None: the engine failed this prompt
             yield {
                 "id": f"{rec.id}#{j}", "prompt_id": rec.id, "sample_idx": j, "task": rec.task,
                 "problem": rec.problem, "messages": msgs, "completion": s.text,
@@ -113,20 +114,40 @@ def generate(prompts: list[PromptRecord], engine: Engine, sampling: SamplingConf
             recs = [r for r, _ in chunk]
             messages = [m for _, m in chunk]
             seeds = [prompt_seed(sampling.seed, r.id) for r in recs]
-            samples = engine.generate(messages, sampling, seeds)
+            samples, errors = _generate_chunk(engine, recs, messages, sampling, seeds)
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n"
                             for r in _records(recs, messages, samples, sampling, seeds, teacher))
+            # the errors file first: a finished shard always has its errors beside it
+            atomic_write_text(shards / f"errors-{k:05d}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
             atomic_write_text(path, lines)
             done += 1
             bar.update(1)
+    engine_errors = [json.loads(l) for p in sorted(shards.glob("errors-*.jsonl")) for l in p.read_text().splitlines()]
     generated = sum(1 for _ in iter_generated(out))
     finish = Counter(r["finish_reason"] for r in iter_generated(out))
     summary = {"prompts": len(prompts), "prompts_used": len(usable), "prompts_rejected": len(rejects),
                "reject_reasons": dict(Counter(r["reason"] for r in rejects)), "samples": generated,
-               "finish_reasons": dict(finish), "shards": len(chunks), "shards_written": done,
+               "finish_reasons": dict(finish), "engine_errors": len(engine_errors),
+               "shards": len(chunks), "shards_written": done,
                "shards_resumed": resumed, "teacher": teacher}
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _generate_chunk(engine: Engine, recs, messages, sampling, seeds):
+    """Samples for a chunk; if the engine fails on it, prompt by prompt so that one bad
+    prompt (say, one the server rejects) costs only itself. Returns (samples, errors)."""
+    try:
+        return engine.generate(messages, sampling, seeds), []
+    except EngineError:
+        samples, errors = [], []
+        for rec, msgs, seed in zip(recs, messages, seeds):
+            try:
+                samples.append(engine.generate([msgs], sampling, [seed])[0])
+            except EngineError as e:
+                samples.append(None)
+                errors.append({"id": rec.id, "reason": f"engine error: {e}"[:500]})
+        return samples, errors
 
 
 def iter_generated(out: Path) -> Iterator[dict]:
