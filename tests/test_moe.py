@@ -103,7 +103,8 @@ def test_sequence_balance_loss_matches_float64_hand_computation():
     B, T, E, K = 3, 7, 8, 2
     scores = torch.rand(B, T, E, generator=g, dtype=torch.float64)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
-    got = sequence_balance_loss(scores.float(), idx, E)
+    seq = torch.arange(B).repeat_interleave(T)
+    got = sequence_balance_loss(scores.float().reshape(B * T, E), idx.reshape(B * T, K), seq, E)
     total = 0.0
     for b in range(B):
         for e in range(E):

@@ -41,7 +41,7 @@ def test_mtp_depth_k_targets_the_token_k_further_ahead():
     cos, sin = model.rotary(torch.arange(T - 1)[None].expand(2, T - 1))
     m = model.mtp[0]
     x = m.eh_proj(torch.cat([m.enorm(emb), m.hnorm(h)], -1))
-    logits = model.lm_head(m.shared_head.norm(super(type(m), m).forward(x, cos, sin)))
+    logits = model.lm_head(m.shared_head.norm(super(type(m), m).forward(x, cos, sin)))  # Block.forward
     ref = F.cross_entropy(logits.flatten(0, 1), ids[:, 2:].flatten())
     assert torch.allclose(out.mtp_losses[0], ref, atol=1e-5)
 

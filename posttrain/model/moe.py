@@ -95,18 +95,43 @@ class GroupedExperts(nn.Module):
         return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets_E)
 
 
-def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor, n_experts: int) -> torch.Tensor:
+def sequence_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, seq_N: torch.Tensor,
+                          n_experts: int) -> torch.Tensor:
     """sum_e f_e * P_e per sequence, averaged over sequences (the report's eqs. 17-20, without alpha).
 
+    seq_N gives each token's sequence (0..S-1; -1 = padding, left out), so packed samples
+    are balanced one by one, exactly as if each had been its own row.
     f_e = E / (K T) * (tokens of the sequence routed to e); P_e = mean over the sequence of
     the affinities normalised over all experts.
     """
-    B, T, K = idx_BTK.shape
-    counts = torch.zeros(B, n_experts, device=idx_BTK.device, dtype=torch.float32)
-    counts.scatter_add_(1, idx_BTK.reshape(B, T * K), torch.ones(B, T * K, device=idx_BTK.device))
-    f = counts * (n_experts / (K * T))
-    p = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
-    return (f * p).sum(-1).mean()
+    N, K = idx_NK.shape
+    keep = seq_N >= 0
+    seq, scores, idx = seq_N[keep], scores_NE[keep], idx_NK[keep]
+    S = int(seq.max()) + 1 if seq.numel() else 0
+    if S == 0:
+        return scores_NE.sum() * 0.0
+    tokens = torch.zeros(S, device=seq.device, dtype=torch.float32).index_add_(0, seq, torch.ones_like(seq, dtype=torch.float32))
+    counts = torch.zeros(S, n_experts, device=seq.device, dtype=torch.float32)
+    counts.index_put_((seq[:, None].expand(-1, K).reshape(-1), idx.reshape(-1)),
+                      torch.ones(idx.numel(), device=seq.device), accumulate=True)
+    f = counts * (n_experts / K) / tokens[:, None]
+    normed = scores / scores.sum(-1, keepdim=True)
+    p = torch.zeros(S, n_experts, device=seq.device, dtype=normed.dtype).index_add_(0, seq, normed) / tokens[:, None]
+    present = tokens > 0
+    return (f * p).sum(-1)[present].mean()
+
+
+def sequence_ids(segment_ids_BT: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """Flat per-token sequence index: one per (row, segment); -1 for padding (segment < 0)."""
+    if segment_ids_BT is None:
+        return torch.arange(B, device=device).repeat_interleave(T)
+    seg = segment_ids_BT.reshape(B, T).long()
+    valid = seg >= 0
+    key = torch.arange(B, device=device)[:, None] * (int(seg.max().clamp(min=0)) + 1) + seg.clamp(min=0)
+    _, inverse = torch.unique(key[valid], return_inverse=True)
+    out = torch.full((B * T,), -1, dtype=torch.long, device=device)
+    out[valid.reshape(-1)] = inverse
+    return out
 
 
 class MoE(nn.Module):
@@ -124,17 +149,20 @@ class MoE(nn.Module):
                              persistent=False)
         self.balance_loss: torch.Tensor | None = None
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, segment_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """segment_ids: packed-sample ids (negative = padding), used by load counts and the
+        balance loss only; routing itself is per token."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights_NK, idx_NK, scores_NE = self.gate(x_ND)
         if self.training:
+            seq_N = sequence_ids(segment_ids_BT, B, T, x_BTD.device)
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(idx_NK.flatten(), minlength=self.args.n_routed_experts)
+                routed = idx_NK[seq_N >= 0].flatten()
+                self.tokens_per_expert += torch.bincount(routed, minlength=self.args.n_routed_experts)
             self.balance_loss = None
             if self.args.aux_loss_alpha > 0:
-                self.balance_loss = sequence_balance_loss(
-                    scores_NE.view(B, T, -1), idx_NK.view(B, T, -1), self.args.n_routed_experts)
+                self.balance_loss = sequence_balance_loss(scores_NE, idx_NK, seq_N, self.args.n_routed_experts)
         y = self.routed(x_ND, weights_NK, idx_NK).view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BTD)

@@ -40,6 +40,6 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
         self.shared_head = SharedHead(args)
 
-    def forward(self, h_prev_BTD, emb_BTD, cos, sin, mask=None):  # type: ignore[override]
+    def forward(self, h_prev_BTD, emb_BTD, cos, sin, mask=None, segment_ids=None):  # type: ignore[override]
         x = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], dim=-1))
-        return super().forward(x, cos, sin, mask)
+        return super().forward(x, cos, sin, mask, segment_ids=segment_ids)

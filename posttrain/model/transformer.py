@@ -35,9 +35,11 @@ class Block(nn.Module):
         use_moe = args.is_moe_layer(layer_idx) if moe is None else moe
         self.mlp = MoE(args) if use_moe else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache: LatentCache | None = None, cache_start: int = 0):
+    def forward(self, x, cos, sin, mask=None, cache: LatentCache | None = None, cache_start: int = 0,
+                segment_ids=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, segment_ids) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 @dataclass
@@ -124,8 +126,9 @@ class Transformer(nn.Module):
             slots = torch.arange(input_ids.shape[1], device=input_ids.device)
             mask = build_attention_mask(slots, slots, attention_mask, segment_ids)
         h = self.embed_tokens(input_ids)
+        routing_segments = _routing_segments(segment_ids, attention_mask)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, segment_ids=routing_segments)
         return self.norm(h)
 
     def forward(self, input_ids, position_ids=None, segment_ids=None, attention_mask=None):
@@ -175,7 +178,8 @@ class Transformer(nn.Module):
             cos, sin = self.rotary(positions[:, :n])
             slots = torch.arange(n, device=input_ids.device)
             mask = build_attention_mask(slots, slots, pad, seg) if (seg is not None or pad is not None) else None
-            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos, sin, mask)
+            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos, sin, mask,
+                       segment_ids=_routing_segments(seg, pad))
             logits = self.lm_head(module.shared_head.norm(h))
             losses.append(F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX))
         return losses
@@ -246,3 +250,14 @@ class Transformer(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
+
+
+def _routing_segments(segment_ids, attention_mask):
+    """Segments for MoE load counting and the balance loss: padding becomes -1."""
+    if segment_ids is None and attention_mask is None:
+        return None
+    if segment_ids is None:
+        return torch.where(attention_mask.bool(), 0, -1)
+    if attention_mask is None:
+        return segment_ids
+    return torch.where(attention_mask.bool(), segment_ids, -1)
