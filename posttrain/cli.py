@@ -4,6 +4,7 @@
     posttrain model convert SRC DST --to   FP8 <-> bf16 checkpoint conversion
     posttrain reward score --reward NAME   score a jsonl of completions
     posttrain distill generate|filter|export   R1-style distillation data
+    posttrain sft --config FILE [key=value ...]  supervised fine-tuning
     posttrain demo [--out DIR]             the whole pipeline on the embedded default
 """
 
@@ -128,6 +129,16 @@ def _cmd_distill_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft(ns: argparse.Namespace) -> int:
+    from posttrain.config import apply_overrides, load_yaml
+    from posttrain.stages.sft import run_sft, sft_config
+
+    cfg = sft_config(apply_overrides(load_yaml(ns.config), ns.overrides))
+    result = run_sft(cfg)
+    print(json.dumps({k: v for k, v in result.items() if k != "data"}, indent=2))
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from posttrain.stages.demo import run_demo
 
@@ -209,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--kinds", choices=["r1", "both"], default="r1")
     exp.add_argument("--no-system-prompt", action="store_true")
     exp.set_defaults(func=_cmd_distill_export)
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning (full or LoRA) on a packed chat mixture")
+    sft.add_argument("--config", required=True, help="YAML, e.g. configs/sft/tiny.yaml")
+    sft.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. train.lr=1e-5 lora.enabled=true")
+    sft.set_defaults(func=_cmd_sft)
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded default (tiny model, local tokenizer)")
     demo.add_argument("--out", default="demo_out", help="output directory (summary.json, checkpoints, reports)")

@@ -132,7 +132,7 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, kv_BSC, pe_BSR, mask) -> torch.Tensor:
         H = self.n_heads
-        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = _effective_weight(self.kv_b_proj).view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim:]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_k.to(q_nope.dtype))
         scores = torch.einsum("bthc,bsc->bhts", q_lat.float(), kv_BSC.float())
@@ -145,3 +145,15 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1)
         out_lat = torch.einsum("bhts,bsc->bthc", probs, kv_BSC.float()).to(q_nope.dtype)
         return torch.einsum("bthc,hdc->bthd", out_lat, w_v.to(q_nope.dtype))
+
+
+def _effective_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a linear layer applies, including unmerged LoRA deltas (peft wraps the
+    layer; the absorbed path multiplies with the matrix directly, so it must see them)."""
+    base = getattr(linear, "base_layer", linear)
+    weight = base.weight
+    if hasattr(linear, "get_delta_weight") and not getattr(linear, "merged", False):
+        for name in getattr(linear, "active_adapters", []):
+            if name in getattr(linear, "lora_A", {}):
+                weight = weight + linear.get_delta_weight(name)
+    return weight

@@ -1,0 +1,296 @@
+"""SFT data: a weighted mixture of chat or prompt/completion sources, tokenized with the chat
+template, loss on assistant (or completion) tokens only, packed with sample isolation.
+
+Pipeline (HF datasets throughout: Arrow on disk, memory-mapped, multiprocess `map`):
+  1. each source (jsonl / parquet / saved HF dataset) is read and given its share of the
+     mixture: weight w takes round(w * len) rows (w > 1 repeats rows), drawn with the seed;
+  2. tokenize: `messages` through `tokenizer.apply_chat_template` with the assistant mask
+     (`{% generation %}` templates), or a prefix-difference mask for templates without it;
+     `prompt` + `completion` rows train on the completion only;
+  3. over-long samples are truncated or dropped, as configured, and counted either way;
+  4. packing: best-fit decreasing into rows of max_length; each packed row keeps its
+     samples apart (segment ids; positions restart per sample), so attention never crosses
+     samples; the packing efficiency is reported;
+  5. the result is saved under a content hash of the sources, the tokenizer and these
+     settings; a rerun with the same inputs loads it instead of redoing the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SourceSpec:
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+
+
+@dataclass
+class SFTDataConfig:
+    sources: list[SourceSpec]
+    max_length: int = 4096
+    overlong: str = "drop"            # "drop" or "truncate"
+    pack: bool = True
+    seed: int = 0
+    num_proc: int = 2
+    cache_dir: str = ".cache/posttrain/sft"
+    min_loss_tokens: int = 1          # samples with no trained token are dropped (and counted)
+
+    def validate(self) -> "SFTDataConfig":
+        if self.overlong not in ("drop", "truncate"):
+            raise ValueError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
+        if not self.sources:
+            raise ValueError("SFT data needs at least one source")
+        for s in self.sources:
+            if s.weight < 0:
+                raise ValueError(f"source {s.path}: weight must be >= 0")
+        return self
+
+
+# --------------------------------------------------------------------------- masks
+def _has_generation_block(tokenizer) -> bool:
+    return "endgeneration" in (tokenizer.chat_template or "")
+
+
+def chat_ids_and_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a 0/1 mask that is 1 exactly on assistant tokens."""
+    if _has_generation_block(tokenizer):
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(enc["input_ids"]), list(enc["assistant_masks"])
+    # Templates without {% generation %}: render growing prefixes; what an assistant turn
+    # adds to the token sequence is that turn's tokens.
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, message in enumerate(messages):
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)["input_ids"]
+        if upto[: len(ids)] != ids:
+            raise ValueError("the chat template re-renders earlier turns; it needs a {% generation %} block "
+                             "for assistant masks")
+        added = upto[len(ids):]
+        ids = list(upto)
+        mask += [1 if message["role"] == "assistant" else 0] * len(added)
+    return ids, mask
+
+
+def tokenize_row(tokenizer, row: dict) -> dict:
+    """{input_ids, loss_mask} for a `messages` row or a `prompt` + `completion` row."""
+    if row.get("messages") is not None:
+        ids, mask = chat_ids_and_mask(tokenizer, row["messages"])
+    elif row.get("prompt") is not None and row.get("completion") is not None:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, list):  # conversational prompt/completion
+            ids_p = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"]
+            text_c = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+            ids_c = tokenizer(text_c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        else:
+            ids_p = tokenizer(prompt)["input_ids"]
+            ids_c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids, mask = list(ids_p) + list(ids_c), [0] * len(ids_p) + [1] * len(ids_c)
+    else:
+        raise ValueError("a row needs `messages`, or `prompt` and `completion`")
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+# --------------------------------------------------------------------------- packing
+def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: longest first, each into the fullest row it still fits.
+
+    Rows are bucketed by remaining space, so finding the best fit is a short upward scan
+    instead of a search over all rows. Returns rows as lists of sample indices.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    bins: list[list[int]] = []
+    by_space: list[list[int]] = [[] for _ in range(capacity + 1)]  # space -> row ids
+    for i in order.tolist():
+        n = int(lengths[i])
+        row = None
+        for space in range(n, capacity + 1):
+            if by_space[space]:
+                row = by_space[space].pop()
+                break
+        if row is None:
+            row, space = len(bins), capacity
+            bins.append([])
+        bins[row].append(i)
+        by_space[space - n].append(row)
+    return bins
+
+
+# --------------------------------------------------------------------------- sources
+def _load(spec: SourceSpec, cache_dir: str):
+    import datasets
+
+    path = Path(spec.path)
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"]
+        return ds
+    if path.suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
+    if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
+        return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+    raise FileNotFoundError(f"SFT source {spec.path}: expected .jsonl, .parquet or a saved HF dataset directory")
+
+
+def _fingerprint(cfg: SFTDataConfig, tokenizer) -> str:
+    h = hashlib.sha256()
+    for s in cfg.sources:
+        p = Path(s.path)
+        files = sorted(p.rglob("*")) if p.is_dir() else [p]
+        for f in files:
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "cache_dir")},
+                        sort_keys=True, default=str).encode())
+    vocab = tokenizer.get_vocab()
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    h.update((tokenizer.chat_template or "").encode())
+    return h.hexdigest()[:24]
+
+
+@dataclass
+class PreparedData:
+    dataset: Any                      # datasets.Dataset of packed (or single) rows
+    stats: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
+    """Mixture -> tokens + masks -> (packed) rows, cached by content hash."""
+    import datasets
+
+    cfg.validate()
+    key = _fingerprint(cfg, tokenizer)
+    out = Path(cfg.cache_dir) / key
+    if (out / "stats.json").exists():
+        return PreparedData(datasets.load_from_disk(str(out / "data")), json.loads((out / "stats.json").read_text()), out)
+    t0 = time.perf_counter()
+    parts, per_source = [], {}
+    rng = np.random.default_rng(cfg.seed)
+    for spec in cfg.sources:
+        ds = _load(spec, cfg.cache_dir)
+        n = int(round(spec.weight * len(ds)))
+        idx = np.concatenate([rng.permutation(len(ds)) for _ in range(max(1, -(-n // max(len(ds), 1))))])[:n]
+        parts.append(ds.select(np.sort(idx)))
+        per_source[spec.name or Path(spec.path).name] = {"rows": len(ds), "taken": n, "weight": spec.weight}
+    keep_cols = ("messages", "prompt", "completion")
+
+    def norm(ds):
+        return ds.remove_columns([c for c in ds.column_names if c not in keep_cols])
+
+    mixture = datasets.concatenate_datasets([norm(p) for p in parts]).shuffle(seed=cfg.seed)
+    max_len, truncate = cfg.max_length, cfg.overlong == "truncate"
+
+    def tok(batch):
+        out = {"input_ids": [], "loss_mask": [], "length": [], "overlong": [], "loss_tokens": []}
+        rows = [dict(zip(batch.keys(), vals)) for vals in zip(*batch.values())]
+        for row in rows:
+            enc = tokenize_row(tokenizer, row)
+            ids, mask = enc["input_ids"], enc["loss_mask"]
+            over = len(ids) > max_len
+            if over and truncate:
+                ids, mask = ids[:max_len], mask[:max_len]
+            out["input_ids"].append(ids)
+            out["loss_mask"].append(mask)
+            out["length"].append(len(ids))
+            out["overlong"].append(over)
+            out["loss_tokens"].append(int(sum(mask[1:])))
+        return out
+
+    tokenized = mixture.map(tok, batched=True, batch_size=256, num_proc=cfg.num_proc if len(mixture) > 2000 else None,
+                            remove_columns=mixture.column_names, desc="tokenize")
+    overlong = int(np.sum(tokenized["overlong"]))
+    lengths = np.asarray(tokenized["length"])
+    loss_tokens = np.asarray(tokenized["loss_tokens"])
+    keep = np.ones(len(tokenized), dtype=bool)
+    if not truncate:
+        keep &= lengths <= max_len
+    no_loss = int(np.sum(keep & (loss_tokens < cfg.min_loss_tokens)))
+    keep &= loss_tokens >= cfg.min_loss_tokens
+    kept_idx = np.nonzero(keep)[0]
+    tokenized = tokenized.select(kept_idx).remove_columns(["overlong", "loss_tokens"])
+    lengths = lengths[kept_idx]
+    if cfg.pack:
+        bins = pack_best_fit(lengths, max_len)
+        rows_ds = datasets.Dataset.from_dict({"members": bins})
+        source = tokenized
+
+        def materialize(batch):
+            out = {"input_ids": [], "loss_mask": [], "segment_ids": [], "position_ids": []}
+            for members in batch["members"]:
+                ids, mask, seg, pos = [], [], [], []
+                for s, i in enumerate(sorted(members)):
+                    row = source[int(i)]
+                    n = len(row["input_ids"])
+                    ids += row["input_ids"]
+                    mask += row["loss_mask"]
+                    seg += [s] * n
+                    pos += list(range(n))
+                for key, val in zip(out, (ids, mask, seg, pos)):
+                    out[key].append(val)
+            return out
+
+        data = rows_ds.map(materialize, batched=True, batch_size=256, remove_columns=["members"],
+                           num_proc=cfg.num_proc if len(bins) > 2000 else None, desc="pack")
+        n_rows = len(bins)
+    else:
+        data = tokenized.remove_columns(["length"])
+        n_rows = len(data)
+    tokens = int(lengths.sum())
+    stats = {
+        "sources": per_source, "samples": int(len(mixture)), "samples_kept": int(len(kept_idx)),
+        "overlong": overlong, "overlong_action": cfg.overlong,
+        "dropped_overlong": overlong if not truncate else 0, "dropped_no_loss_tokens": no_loss,
+        "rows": n_rows, "tokens": tokens, "max_length": max_len,
+        "packing_efficiency": tokens / (n_rows * max_len) if cfg.pack and n_rows else None,
+        "prepare_s": time.perf_counter() - t0, "fingerprint": key,
+    }
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    data.save_to_disk(str(tmp / "data"))
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return PreparedData(datasets.load_from_disk(str(out / "data")), stats, out)
+
+
+# --------------------------------------------------------------------------- batches
+def collate(rows: list[dict], pad_token_id: int, pad_to: int | None = None) -> dict:
+    """Packed (or single) rows -> model inputs. labels[t] = token t+1 where token t+1 is trained
+    and belongs to the same sample; padding has segment -1 and no labels."""
+    import torch
+
+    T = pad_to or max(len(r["input_ids"]) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    segment_ids = torch.full((B, T), -1, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids = torch.tensor(r["input_ids"][:T], dtype=torch.long)
+        mask = torch.tensor(r["loss_mask"][:T], dtype=torch.bool)
+        n = len(ids)
+        seg = torch.tensor(r["segment_ids"][:T], dtype=torch.long) if "segment_ids" in r else torch.zeros(n, dtype=torch.long)
+        pos = torch.tensor(r["position_ids"][:T], dtype=torch.long) if "position_ids" in r else torch.arange(n)
+        input_ids[b, :n], segment_ids[b, :n], position_ids[b, :n] = ids, seg, pos
+        same = seg[1:] == seg[:-1]
+        labels[b, : n - 1] = torch.where(mask[1:] & same, ids[1:], torch.tensor(IGNORE_INDEX))
+    return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "position_ids": position_ids}

@@ -1,0 +1,127 @@
+"""`posttrain sft --config configs/sft/X.yaml key=value ...`: supervised fine-tuning.
+
+model (an HF checkpoint, or a config.json to start from scratch) + data (a weighted mixture,
+tokenized with the chat template, loss on assistant tokens, packed) -> the shared Trainer ->
+`<output_dir>/final` (HF checkpoint + tokenizer). With LoRA: `<output_dir>/adapter` in
+peft's format, and `final` is the base with the adapter merged in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from data_recipes.sft_data import SFTDataConfig, SourceSpec, collate, prepare
+from posttrain.config import build
+from posttrain.model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+from posttrain.model.args import ConfigError
+from posttrain.train.config import TrainConfig
+from posttrain.train.loop import Trainer, lm_loss
+
+LORA_MODULES = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                "gate_proj", "up_proj", "down_proj"]  # attention, dense and shared-expert FFNs
+LORA_EXPERT_PARAMS = ["experts.gate_proj", "experts.up_proj", "experts.down_proj"]  # stacked routed experts
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None         # HF checkpoint directory to fine-tune
+    config: str | None = None       # or a config.json to start from random weights
+    tokenizer: str | None = None    # default: the checkpoint directory; "embedded" = the local one
+    dtype: str = "float32"          # master weights; compute precision is train.mixed_precision
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_MODULES))
+    target_experts: bool = True     # LoRA on the routed experts' stacked weights too
+
+
+@dataclass
+class DataSection:
+    sources: list[SourceSpec] = field(default_factory=list)
+    max_length: int = 4096
+    overlong: str = "drop"
+    pack: bool = True
+    num_proc: int = 2
+    cache_dir: str = ".cache/posttrain/sft"
+
+
+@dataclass
+class SFTConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    output_dir: str = "runs/sft"
+
+
+def sft_config(data: dict) -> SFTConfig:
+    cfg = build(SFTConfig, data)
+    cfg.train.out_dir = cfg.output_dir
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty: list at least one {path, weight}")
+    if not (cfg.model.path or cfg.model.config):
+        raise ConfigError("model.path (a checkpoint) or model.config (a config.json) is required")
+    return cfg
+
+
+def load_tokenizer(spec: str | None, model_path: str | None, vocab_size: int):
+    if spec == "embedded" or (spec is None and model_path is None):
+        from posttrain.embedded import build_tokenizer
+
+        return build_tokenizer(vocab_size)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec or model_path)
+
+
+def load_model(section: ModelSection) -> tuple[Transformer, ModelArgs]:
+    dtype = getattr(torch, section.dtype)
+    if section.path:
+        return load_checkpoint(section.path, dtype=dtype)
+    args = ModelArgs.from_json(section.config)
+    return Transformer(args).to(dtype), args
+
+
+def apply_lora(model: Transformer, lora: LoraSection):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules,
+                     target_parameters=LORA_EXPERT_PARAMS if lora.target_experts else None)
+    return get_peft_model(model, cfg)
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    model, args = load_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, args.vocab_size)
+    if len(tokenizer) > args.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model only {args.vocab_size}")
+    data_cfg = SFTDataConfig(sources=cfg.data.sources, max_length=cfg.data.max_length, overlong=cfg.data.overlong,
+                             pack=cfg.data.pack, seed=cfg.train.seed, num_proc=cfg.data.num_proc,
+                             cache_dir=cfg.data.cache_dir)
+    prepared = prepare(data_cfg, tokenizer)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data_stats.json").write_text(json.dumps(prepared.stats, indent=2))
+    trained = apply_lora(model, cfg.lora) if cfg.lora.enabled else model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(trained, cfg.train, lm_loss(cfg.train.mtp_weight),
+                      lambda rows: collate(rows, pad, pad_to=cfg.data.max_length if cfg.data.pack else None),
+                      run_config=asdict(cfg))
+    result = trainer.fit(prepared.dataset)
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.accelerator.is_main_process:
+        if cfg.lora.enabled:
+            final.save_pretrained(str(out / "adapter"))
+            final = final.merge_and_unload()
+        save_checkpoint(final, args, out / "final", tokenizer=tokenizer)
+    return {**result, "data": prepared.stats, "final": str(out / "final")}
