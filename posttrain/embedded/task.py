@@ -68,14 +68,14 @@ def _apply(op: str, a: int, b: int) -> int:
     raise ValueError(f"unknown operator {op!r}")
 
 
-def _operand(rng: random.Random, op: str) -> int:
+def _operand(rng: random.Random, op: str, max_operand: int = 99) -> int:
     """Small factors for * and / keep products in range and learnable."""
-    return rng.randint(2, 12) if op in "*/" else rng.randint(1, 99)
+    return rng.randint(2, min(12, max(2, max_operand))) if op in "*/" else rng.randint(1, max_operand)
 
 
-def _divisor(rng: random.Random, value: int) -> int | None:
-    """A divisor in 2..12 of ``value`` that makes the division exact, if any."""
-    choices = [d for d in range(2, 13) if value % d == 0]
+def _divisor(rng: random.Random, value: int, max_operand: int = 99) -> int | None:
+    """A divisor in 2..12 (and <= max_operand) of ``value`` that makes the division exact, if any."""
+    choices = [d for d in range(2, min(12, max(2, max_operand)) + 1) if value % d == 0]
     return rng.choice(choices) if choices else None
 
 
@@ -83,23 +83,23 @@ def _step(op: str, a: int, b: int, result: int) -> str:
     return f"{a} {op} {b} = {result}"
 
 
-def _random_tree(rng: random.Random, n_ops: int, parent_op: str = "+") -> _Node:
+def _random_tree(rng: random.Random, n_ops: int, parent_op: str = "+", max_operand: int = 99) -> _Node:
     """Random expression with exactly ``n_ops`` operators (any tree shape)."""
     if n_ops == 0:
-        return _Node(_operand(rng, parent_op))
+        return _Node(_operand(rng, parent_op, max_operand))
     op = rng.choice("+-*+-*/")
     if op == "/":
         # Division only by a leaf that divides the left value exactly.
-        left = _random_tree(rng, n_ops - 1, "+")
-        d = _divisor(rng, left.value)
+        left = _random_tree(rng, n_ops - 1, "+", max_operand)
+        d = _divisor(rng, left.value, max_operand)
         if d is not None and left.value != 0:
             return _Node(left.value // d, "/", left, _Node(d))
         op = rng.choice("+-*")
-        right = _Node(_operand(rng, op))
+        right = _Node(_operand(rng, op, max_operand))
     else:
         k = rng.randint(0, n_ops - 1)
-        left = _random_tree(rng, k, op)
-        right = _random_tree(rng, n_ops - 1 - k, op)
+        left = _random_tree(rng, k, op, max_operand)
+        right = _random_tree(rng, n_ops - 1 - k, op, max_operand)
     return _Node(_apply(op, left.value, right.value), op, left, right)
 
 
@@ -130,23 +130,23 @@ def _tree_values(node: _Node) -> list[int]:
     return _tree_values(node.left) + _tree_values(node.right) + [node.value]
 
 
-def _expression_problem(rng: random.Random, n_ops: int) -> tuple[str, int, list[str]]:
+def _expression_problem(rng: random.Random, n_ops: int, max_operand: int = 99) -> tuple[str, int, list[str]]:
     while True:  # rejection keeps every intermediate within MAX_ABS
-        tree = _random_tree(rng, n_ops)
+        tree = _random_tree(rng, n_ops, "+", max_operand)
         if all(abs(v) <= MAX_ABS for v in _tree_values(tree)):
             break
     question = rng.choice(_EXPR_PREFIXES).format(_render(tree))
     return question, tree.value, _tree_steps(tree)
 
 
-def _chain_problem(rng: random.Random, n_ops: int) -> tuple[str, int, list[str]]:
-    value = rng.randint(1, 99)
+def _chain_problem(rng: random.Random, n_ops: int, max_operand: int = 99) -> tuple[str, int, list[str]]:
+    value = rng.randint(1, max_operand)
     start = value
     clauses: list[str] = []
     steps: list[str] = []
     while len(steps) < n_ops:
         op = rng.choice("+-*+-*/")
-        b = _divisor(rng, value) if op == "/" else _operand(rng, op)
+        b = _divisor(rng, value, max_operand) if op == "/" else _operand(rng, op, max_operand)
         if op == "/" and (b is None or value == 0):
             continue
         result = _apply(op, value, b)
@@ -162,17 +162,24 @@ def _chain_problem(rng: random.Random, n_ops: int) -> tuple[str, int, list[str]]
     return question, value, steps
 
 
-def make_problems(n: int, seed: int = 0, min_ops: int = 2, max_ops: int = 4) -> list[ArithmeticProblem]:
-    """``n`` problems with ``min_ops..max_ops`` operations each, reproducible from ``seed``."""
+def make_problems(n: int, seed: int = 0, min_ops: int = 2, max_ops: int = 4,
+                  max_operand: int = 99) -> list[ArithmeticProblem]:
+    """``n`` problems with ``min_ops..max_ops`` operations each, reproducible from ``seed``.
+
+    ``max_operand`` bounds the operands (and the start of a chain); 9 gives single-digit
+    problems a tiny model can learn on a CPU in minutes (the demo's SFT level).
+    """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 1 <= min_ops <= max_ops:
         raise ValueError(f"need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
+    if max_operand < 2:
+        raise ValueError(f"max_operand must be >= 2, got {max_operand}")
     rng = random.Random(seed)
     problems = []
     for i in range(n):
         n_ops = rng.randint(min_ops, max_ops)
         make = _expression_problem if rng.random() < 0.5 else _chain_problem
-        question, answer, steps = make(rng, n_ops)
+        question, answer, steps = make(rng, n_ops, max_operand)
         problems.append(ArithmeticProblem(f"arith-{seed}-{i}", question, str(answer), tuple(steps)))
     return problems
