@@ -85,6 +85,19 @@ def chat_ids_and_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[
     return ids, mask
 
 
+def tokenize_rows(tokenizer, rows: list[dict]) -> list[dict]:
+    """tokenize_row for many rows; chats go through one batched chat-template call (the
+    template renders in Python, the tokenizer then encodes the whole batch in Rust)."""
+    chats = [i for i, r in enumerate(rows) if r.get("messages") is not None]
+    out: list[dict | None] = [None] * len(rows)
+    if len(chats) > 1 and _has_generation_block(tokenizer):
+        enc = tokenizer.apply_chat_template([rows[i]["messages"] for i in chats], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        for k, i in enumerate(chats):
+            out[i] = {"input_ids": list(enc["input_ids"][k]), "loss_mask": list(enc["assistant_masks"][k])}
+    return [o if o is not None else tokenize_row(tokenizer, r) for o, r in zip(out, rows)]
+
+
 def tokenize_row(tokenizer, row: dict) -> dict:
     """{input_ids, loss_mask} for a `messages` row or a `prompt` + `completion` row."""
     if row.get("messages") is not None:
@@ -200,8 +213,7 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
     def tok(batch):
         out = {"input_ids": [], "loss_mask": [], "length": [], "overlong": [], "loss_tokens": []}
         rows = [dict(zip(batch.keys(), vals)) for vals in zip(*batch.values())]
-        for row in rows:
-            enc = tokenize_row(tokenizer, row)
+        for enc in tokenize_rows(tokenizer, rows):
             ids, mask = enc["input_ids"], enc["loss_mask"]
             over = len(ids) > max_len
             if over and truncate:
