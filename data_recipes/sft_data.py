@@ -122,25 +122,66 @@ def tokenize_row(tokenizer, row: dict) -> dict:
 def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Best-fit decreasing: longest first, each into the fullest row it still fits.
 
-    Rows are bucketed by remaining space, so finding the best fit is a short upward scan
-    instead of a search over all rows. Returns rows as lists of sample indices.
+    Rows are bucketed by remaining space, and the spaces that have rows are kept in a sorted
+    list, so the best fit is one bisection instead of a scan. Returns rows of sample indices.
     """
-    order = np.argsort(-lengths, kind="stable")
+    import bisect
+
+    order = np.argsort(-np.asarray(lengths), kind="stable")
     bins: list[list[int]] = []
-    by_space: list[list[int]] = [[] for _ in range(capacity + 1)]  # space -> row ids
+    by_space: dict[int, list[int]] = {}
+    spaces: list[int] = []  # sorted remaining spaces that hold at least one row
     for i in order.tolist():
         n = int(lengths[i])
-        row = None
-        for space in range(n, capacity + 1):
-            if by_space[space]:
-                row = by_space[space].pop()
-                break
-        if row is None:
+        k = bisect.bisect_left(spaces, n)
+        if k < len(spaces):
+            space = spaces[k]
+            bucket = by_space[space]
+            row = bucket.pop()
+            if not bucket:
+                spaces.pop(k)
+        else:
             row, space = len(bins), capacity
             bins.append([])
         bins[row].append(i)
-        by_space[space - n].append(row)
+        left = space - n
+        bucket = by_space.setdefault(left, [])
+        if not bucket:
+            bisect.insort(spaces, left)
+        bucket.append(row)
     return bins
+
+
+def _packed_table(tokenized, bins: list[list[int]]):
+    """Packed rows built with Arrow kernels: one `take` of all samples in row order, then the
+    flat token arrays are re-cut at row boundaries (no per-sample Python work)."""
+    import pyarrow as pa
+
+    order = np.fromiter((i for row in bins for i in sorted(row)), dtype=np.int64)
+    table = tokenized.data.table if hasattr(tokenized.data, "table") else tokenized.data
+    if tokenized._indices is not None:  # a selected view: map row positions to table rows
+        order = np.asarray(tokenized._indices.column(0).to_numpy())[order]
+    ids = table.column("input_ids").combine_chunks().take(pa.array(order))
+    mask = table.column("loss_mask").combine_chunks().take(pa.array(order))
+    lengths = np.asarray(ids.value_lengths(), dtype=np.int64)
+    n_per_row = np.fromiter((len(r) for r in bins), dtype=np.int64)
+    row_ends = np.cumsum(n_per_row)
+    sample_starts = np.concatenate([[0], np.cumsum(lengths)])
+    row_offsets = np.concatenate([[0], sample_starts[row_ends]]).astype(np.int64)
+    first_of_row = np.repeat(row_ends - n_per_row, n_per_row)
+    seg = np.repeat(np.arange(len(order)) - first_of_row, lengths)
+    pos = np.arange(int(lengths.sum())) - np.repeat(sample_starts[:-1], lengths)
+    offsets = pa.array(row_offsets, type=pa.int64())
+
+    def cut(values, typ):
+        return pa.LargeListArray.from_arrays(offsets, pa.array(values, type=typ))
+
+    return pa.table({
+        "input_ids": cut(ids.flatten(), ids.type.value_type),
+        "loss_mask": cut(mask.flatten(), mask.type.value_type),
+        "segment_ids": cut(seg.astype(np.int32), pa.int32()),
+        "position_ids": cut(pos.astype(np.int32), pa.int32()),
+    })
 
 
 # --------------------------------------------------------------------------- sources
@@ -240,26 +281,7 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
     lengths = lengths[kept_idx]
     if cfg.pack:
         bins = pack_best_fit(lengths, max_len)
-        rows_ds = datasets.Dataset.from_dict({"members": bins})
-        source = tokenized
-
-        def materialize(batch):
-            out = {"input_ids": [], "loss_mask": [], "segment_ids": [], "position_ids": []}
-            for members in batch["members"]:
-                ids, mask, seg, pos = [], [], [], []
-                for s, i in enumerate(sorted(members)):
-                    row = source[int(i)]
-                    n = len(row["input_ids"])
-                    ids += row["input_ids"]
-                    mask += row["loss_mask"]
-                    seg += [s] * n
-                    pos += list(range(n))
-                for key, val in zip(out, (ids, mask, seg, pos)):
-                    out[key].append(val)
-            return out
-
-        data = rows_ds.map(materialize, batched=True, batch_size=256, remove_columns=["members"],
-                           num_proc=cfg.num_proc if len(bins) > 2000 else None, desc="pack")
+        data = datasets.Dataset(_packed_table(tokenized, bins))
         n_rows = len(bins)
     else:
         data = tokenized.remove_columns(["length"])

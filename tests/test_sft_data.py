@@ -101,6 +101,19 @@ def test_mixture_overlong_policy_and_cache(tok, tmp_path):
     rows = dropped.dataset
     assert sum(len(set(r["segment_ids"])) for r in rows) == 60
     assert all(len(r["input_ids"]) <= 64 for r in rows)
+    # every packed segment is exactly one tokenized sample, with its mask, positions from 0
+    from data_recipes.sft_data import tokenize_row
+
+    expected = sorted(tuple(tokenize_row(tok, r)["input_ids"]) for r in chats + pc + pc)
+    got, masks = [], []
+    for r in rows:
+        for seg in sorted(set(r["segment_ids"])):
+            idx = [i for i, v in enumerate(r["segment_ids"]) if v == seg]
+            got.append(tuple(r["input_ids"][i] for i in idx))
+            assert [r["position_ids"][i] for i in idx] == list(range(len(idx)))
+            masks.append(tuple(r["loss_mask"][i] for i in idx))
+    assert sorted(got) == expected
+    assert all(any(m) for m in masks)
     again = prepare(cfg, tok)
     assert again.path == dropped.path and again.stats == s  # served from the cache
     truncated = prepare(SFTDataConfig([SourceSpec(a, 1.0)], max_length=64, overlong="truncate",
