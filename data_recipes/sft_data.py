@@ -153,7 +153,7 @@ def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 
 def _packed_table(tokenized, bins: list[list[int]]):
-    """Packed rows built with Arrow kernels: one `take` of all samples in row order, then the
+    """Packed rows built with Arrow kernels: one `take` of the rows' samples in order, then the
     flat token arrays are re-cut at row boundaries (no per-sample Python work)."""
     import pyarrow as pa
 
@@ -161,8 +161,8 @@ def _packed_table(tokenized, bins: list[list[int]]):
     table = tokenized.data.table if hasattr(tokenized.data, "table") else tokenized.data
     if tokenized._indices is not None:  # a selected view: map row positions to table rows
         order = np.asarray(tokenized._indices.column(0).to_numpy())[order]
-    ids = table.column("input_ids").combine_chunks().take(pa.array(order))
-    mask = table.column("loss_mask").combine_chunks().take(pa.array(order))
+    ids = table.column("input_ids").take(pa.array(order)).combine_chunks()
+    mask = table.column("loss_mask").take(pa.array(order)).combine_chunks()
     lengths = np.asarray(ids.value_lengths(), dtype=np.int64)
     n_per_row = np.fromiter((len(r) for r in bins), dtype=np.int64)
     row_ends = np.cumsum(n_per_row)
@@ -174,14 +174,33 @@ def _packed_table(tokenized, bins: list[list[int]]):
     offsets = pa.array(row_offsets, type=pa.int64())
 
     def cut(values, typ):
-        return pa.LargeListArray.from_arrays(offsets, pa.array(values, type=typ))
+        return pa.LargeListArray.from_arrays(offsets, pa.array(values).cast(typ))
 
     return pa.table({
-        "input_ids": cut(ids.flatten(), ids.type.value_type),
-        "loss_mask": cut(mask.flatten(), mask.type.value_type),
-        "segment_ids": cut(seg.astype(np.int32), pa.int32()),
-        "position_ids": cut(pos.astype(np.int32), pa.int32()),
+        "input_ids": cut(ids.flatten(), pa.int32()),
+        "loss_mask": cut(mask.flatten(), pa.int8()),
+        "segment_ids": cut(seg, pa.int32()),
+        "position_ids": cut(pos, pa.int32()),
     })
+
+
+def write_packed(tokenized, bins: list[list[int]], path: Path, rows_per_chunk: int = 2048):
+    """Write packed rows to one Arrow file chunk by chunk (memory stays at one chunk's worth
+    whatever the dataset size) and return it memory-mapped as a datasets.Dataset."""
+    import datasets
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    with pa.OSFile(str(path), "wb") as sink:
+        for start in range(0, len(bins), rows_per_chunk):
+            table = _packed_table(tokenized, bins[start:start + rows_per_chunk])
+            if writer is None:
+                writer = pa.ipc.new_stream(sink, table.schema)
+            writer.write_table(table)
+        if writer is not None:
+            writer.close()
+    return datasets.Dataset.from_file(str(path))
 
 
 # --------------------------------------------------------------------------- sources
@@ -218,6 +237,14 @@ def _fingerprint(cfg: SFTDataConfig, tokenizer) -> str:
     return h.hexdigest()[:24]
 
 
+def _load_prepared(path: Path):
+    import datasets
+
+    if (path / "packed.arrow").exists():
+        return datasets.Dataset.from_file(str(path / "packed.arrow"))
+    return datasets.load_from_disk(str(path / "data"))
+
+
 @dataclass
 class PreparedData:
     dataset: Any                      # datasets.Dataset of packed (or single) rows
@@ -233,7 +260,7 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
     key = _fingerprint(cfg, tokenizer)
     out = Path(cfg.cache_dir) / key
     if (out / "stats.json").exists():
-        return PreparedData(datasets.load_from_disk(str(out / "data")), json.loads((out / "stats.json").read_text()), out)
+        return PreparedData(_load_prepared(out), json.loads((out / "stats.json").read_text()), out)
     t0 = time.perf_counter()
     parts, per_source = [], {}
     rng = np.random.default_rng(cfg.seed)
@@ -279,9 +306,10 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
     kept_idx = np.nonzero(keep)[0]
     tokenized = tokenized.select(kept_idx).remove_columns(["overlong", "loss_tokens"])
     lengths = lengths[kept_idx]
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     if cfg.pack:
         bins = pack_best_fit(lengths, max_len)
-        data = datasets.Dataset(_packed_table(tokenized, bins))
+        data = write_packed(tokenized, bins, tmp / "packed.arrow")
         n_rows = len(bins)
     else:
         data = tokenized.remove_columns(["length"])
@@ -295,15 +323,15 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
         "packing_efficiency": tokens / (n_rows * max_len) if cfg.pack and n_rows else None,
         "prepare_s": time.perf_counter() - t0, "fingerprint": key,
     }
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    data.save_to_disk(str(tmp / "data"))
+    if not cfg.pack:
+        data.save_to_disk(str(tmp / "data"))
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return PreparedData(datasets.load_from_disk(str(out / "data")), stats, out)
+    return PreparedData(_load_prepared(out), stats, out)
 
 
 # --------------------------------------------------------------------------- batches
