@@ -101,6 +101,7 @@ def apply_lora(model: Transformer, lora: LoraSection):
 
 
 def run_sft(cfg: SFTConfig) -> dict:
+    torch.manual_seed(cfg.train.seed)  # a model started from a config is initialised reproducibly
     model, args = load_model(cfg.model)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, args.vocab_size)
     if len(tokenizer) > args.vocab_size:
