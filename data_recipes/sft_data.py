@@ -293,8 +293,13 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
             out["loss_tokens"].append(int(sum(mask[1:])))
         return out
 
+    # narrow types: at 1.5M samples, int64 token lists would be several GB of memory-mapped pages
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "loss_mask": datasets.Sequence(datasets.Value("int8")),
+                                  "length": datasets.Value("int32"), "overlong": datasets.Value("bool"),
+                                  "loss_tokens": datasets.Value("int32")})
     tokenized = mixture.map(tok, batched=True, batch_size=256, num_proc=cfg.num_proc if len(mixture) > 2000 else None,
-                            remove_columns=mixture.column_names, desc="tokenize")
+                            remove_columns=mixture.column_names, features=features, desc="tokenize")
     overlong = int(np.sum(tokenized["overlong"]))
     lengths = np.asarray(tokenized["length"])
     loss_tokens = np.asarray(tokenized["loss_tokens"])
