@@ -12,14 +12,13 @@ gsm8k (train), math500, humaneval, and `synthetic`, the embedded arithmetic task
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.io_utils import read_jsonl
 from reward.math_answer import gsm8k_gold
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -65,30 +64,10 @@ RECIPES: dict[str, tuple[str, FieldMap]] = {
 }
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield n, None, "not UTF-8"
-                continue
-            except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON: {e.msg}"
-                continue
-            if not isinstance(rec, dict):
-                yield n, None, f"a line must be a JSON object, got {type(rec).__name__}"
-                continue
-            yield n, rec, None
-
-
 def _read_table(source: str) -> Iterator[tuple[int, dict | None, str | None]]:
     path = Path(source)
     if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
-        yield from _read_jsonl(path)
+        yield from read_jsonl(path)
         return
     import datasets
 
@@ -163,7 +142,7 @@ def load_prompts(source: str, fields: FieldMap | None = None, limit: int | None 
         if not path.exists():
             raise FileNotFoundError(f"recipe {source!r} reads {path}, which is missing "
                                     "(set POSTTRAIN_SHARED_DATA to the directory that holds it)")
-        fields, name, table = fields or recipe_fields, source, _read_jsonl(path)
+        fields, name, table = fields or recipe_fields, source, read_jsonl(path)
     else:
         fields, name, table = fields or FieldMap(), Path(source).stem or "prompts", _read_table(source)
     records, rejects, seen = [], [], set()

@@ -23,3 +23,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike):
+    """Yield (line number, object or None, reason or None) for each non-blank line.
+
+    A line that is not UTF-8, not JSON, or not a JSON object comes back with the reason
+    instead of stopping the read, so callers can put it in their rejects file.
+    """
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield n, None, "not UTF-8"
+                continue
+            except json.JSONDecodeError as e:
+                yield n, None, f"invalid JSON: {e.msg} at column {e.colno}"
+                continue
+            if not isinstance(rec, dict):
+                yield n, None, f"a line must be a JSON object, got {type(rec).__name__}"
+                continue
+            yield n, rec, None

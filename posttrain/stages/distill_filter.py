@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_recipes.distill_filters import FilterConfig, filter_records
-from posttrain.io_utils import atomic_write_json, atomic_write_text
+from posttrain.io_utils import atomic_write_json, atomic_write_text, read_jsonl
 
 REQUIRED = {"completion": str, "problem": str, "prompt_id": (str, int)}
 
@@ -26,33 +26,22 @@ def read_generated(source: Path) -> tuple[list[dict], list[dict]]:
         raise FileNotFoundError(f"{source} has no shards/gen-*.jsonl: is it a `distill generate` output?")
     records, bad = [], []
     for path in files:
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                where = {"file": str(path), "line": n}
-                try:
-                    rec = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    bad.append({**where, "reject_reason": "bad_record: not UTF-8"})
-                    continue
-                except json.JSONDecodeError as e:
-                    bad.append({**where, "reject_reason": f"bad_record: invalid JSON ({e.msg})"})
-                    continue
-                if not isinstance(rec, dict):
-                    bad.append({**where, "reject_reason": "bad_record: not a JSON object"})
-                    continue
-                problem = next((f"missing field {k!r}" if k not in rec else f"field {k!r} has the wrong type"
-                                for k, t in REQUIRED.items() if not isinstance(rec.get(k), t)), None)
-                if problem:
-                    bad.append({**where, "reject_reason": f"bad_record: {problem}"})
-                    continue
-                rec["prompt_id"] = str(rec["prompt_id"])
-                rec.setdefault("sample_idx", 0)
-                rec.setdefault("id", f"{rec['prompt_id']}#{rec['sample_idx']}")
-                rec.setdefault("finish_reason", "stop")
-                rec.setdefault("task", "math" if "answer" in rec else "code" if "test" in rec else None)
-                records.append(rec)
+        for n, rec, why in read_jsonl(path):
+            where = {"file": str(path), "line": n}
+            if rec is None:
+                bad.append({**where, "reject_reason": f"bad_record: {why}"})
+                continue
+            problem = next((f"missing field {k!r}" if k not in rec else f"field {k!r} has the wrong type"
+                            for k, t in REQUIRED.items() if not isinstance(rec.get(k), t)), None)
+            if problem:
+                bad.append({**where, "reject_reason": f"bad_record: {problem}"})
+                continue
+            rec["prompt_id"] = str(rec["prompt_id"])
+            rec.setdefault("sample_idx", 0)
+            rec.setdefault("id", f"{rec['prompt_id']}#{rec['sample_idx']}")
+            rec.setdefault("finish_reason", "stop")
+            rec.setdefault("task", "math" if "answer" in rec else "code" if "test" in rec else None)
+            records.append(rec)
     return records, bad
 
 

@@ -18,36 +18,25 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from posttrain.io_utils import atomic_write_json
+from posttrain.io_utils import atomic_write_json, read_jsonl
 
 
 def _read_records(path: Path, mapping: dict[str, str]):
     """Yield (line number, record or None, reject reason or None)."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield n, None, "not UTF-8"
-                continue
-            except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON: {e.msg} at column {e.colno}"
-                continue
-            if not isinstance(rec, dict):
-                yield n, None, f"a line must be a JSON object, got {type(rec).__name__}"
-                continue
-            for ours, theirs in mapping.items():
-                if theirs in rec:
-                    rec[ours] = rec[theirs]
-            completion = rec.get("completion")
-            if completion is None:
-                yield n, None, "missing field 'completion'"
-            elif not isinstance(completion, (str, list)):
-                yield n, None, f"'completion' must be a string or a list of messages, got {type(completion).__name__}"
-            else:
-                yield n, rec, None
+    for n, rec, why in read_jsonl(path):
+        if rec is None:
+            yield n, None, why
+            continue
+        for ours, theirs in mapping.items():
+            if theirs in rec:
+                rec[ours] = rec[theirs]
+        completion = rec.get("completion")
+        if completion is None:
+            yield n, None, "missing field 'completion'"
+        elif not isinstance(completion, (str, list)):
+            yield n, None, f"'completion' must be a string or a list of messages, got {type(completion).__name__}"
+        else:
+            yield n, rec, None
 
 
 def score_file(reward_name: str, data: Path, out: Path, mapping: dict[str, str] | None = None,
