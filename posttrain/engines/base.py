@@ -66,6 +66,26 @@ def prompt_seed(base_seed: int, prompt_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def resolve_seeds(sampling: SamplingConfig, n_prompts: int, seeds: list[int] | None) -> list[int]:
+    """One seed per prompt: the caller's, or consecutive ones from sampling.seed."""
+    if seeds is None:
+        return [sampling.seed + i for i in range(n_prompts)]
+    if len(seeds) != n_prompts:
+        raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
+    return list(seeds)
+
+
+def sample_rows(prompts: list[Prompt], sampling: SamplingConfig, seeds: list[int] | None,
+                prompt_ids) -> list[tuple[int, list[int], int]]:
+    """(prompt index, prompt token ids, sample seed) for every one of the n samples of each prompt."""
+    seeds = resolve_seeds(sampling, len(prompts), seeds)
+    rows = []
+    for i, p in enumerate(prompts):
+        ids = prompt_ids(p)
+        rows += [(i, ids, sample_seed(seeds[i], j)) for j in range(sampling.n)]
+    return rows
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """Text up to the earliest stop string (excluded, as vLLM does) and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import Engine, EngineError, Prompt, Sample, SamplingConfig, sample_seed
+from .base import Engine, EngineError, Prompt, Sample, SamplingConfig, resolve_seeds, sample_seed
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -148,6 +148,6 @@ class OpenAIEngine(Engine):
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig,
                  seeds: list[int] | None = None) -> list[list[Sample]]:
         sampling.validate()
-        seeds = seeds if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
+        seeds = resolve_seeds(sampling, len(prompts), seeds)
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(lambda a: self._one_prompt(a[0], sampling, a[1]), zip(prompts, seeds)))

@@ -9,7 +9,7 @@ import torch
 from posttrain.model import Transformer, load_checkpoint
 from posttrain.model.generate import SamplingParams, generate
 
-from .base import Engine, Prompt, Sample, SamplingConfig, cut_at_stop, render_prompt, sample_seed
+from .base import Engine, Prompt, Sample, SamplingConfig, cut_at_stop, render_prompt, sample_rows
 
 
 class TorchEngine(Engine):
@@ -37,11 +37,7 @@ class TorchEngine(Engine):
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig,
                  seeds: list[int] | None = None) -> list[list[Sample]]:
         sampling.validate()
-        seeds = seeds if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
-        rows = []  # (prompt index, token ids, seed) for every sample
-        for i, p in enumerate(prompts):
-            ids = self.prompt_ids(p)
-            rows += [(i, ids, sample_seed(seeds[i], j)) for j in range(sampling.n)]
+        rows = sample_rows(prompts, sampling, seeds, self.prompt_ids)
         stop_ids = tuple(sorted(set(sampling.stop_token_ids) | {self.tokenizer.eos_token_id}))
         params = SamplingParams(max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                 top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stop_ids,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import Engine, Prompt, Sample, SamplingConfig, render_prompt, sample_seed
+from .base import Engine, Prompt, Sample, SamplingConfig, render_prompt, sample_rows
 
 
 def vllm_available() -> bool:
@@ -64,20 +64,16 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         sampling.validate()
-        seeds = seeds if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
-        requests, params, owner = [], [], []
-        for i, p in enumerate(prompts):
-            ids = self.prompt_ids(p)
-            for j in range(sampling.n):
-                requests.append(TokensPrompt(prompt_token_ids=ids))
-                params.append(SamplingParams(
-                    n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                    top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_tokens,
-                    stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
-                    seed=sample_seed(seeds[i], j) if sampling.temperature > 0 else None,
-                    logprobs=0 if sampling.logprobs else None, skip_special_tokens=True,
-                ))
-                owner.append(i)
+        rows = sample_rows(prompts, sampling, seeds, self.prompt_ids)
+        requests = [TokensPrompt(prompt_token_ids=ids) for _, ids, _ in rows]
+        params = [SamplingParams(
+            n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
+            seed=seed if sampling.temperature > 0 else None,
+            logprobs=0 if sampling.logprobs else None, skip_special_tokens=True,
+        ) for _, _, seed in rows]
+        owner = [i for i, _, _ in rows]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         result: list[list[Sample]] = [[] for _ in prompts]
         for i, out in zip(owner, outputs):
