@@ -7,6 +7,12 @@ every engine sees identical inputs. Each sample is its own request with its own 
 On CPU, vLLM's engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless
 the caller set that variable: its default spawns a process that re-imports the caller's
 `__main__`, which breaks scripts without a main guard. The engine takes ~20 s to start.
+
+For RL (`colocated=True`) the engine core always runs in this process, takes new weights
+through `load_weights` (weight_sync.py: buckets over vLLM's weight-transfer protocol, the
+tensors handed over in memory), and on GPU sleeps while the trainer runs (`sleep`, then
+`wake_up` weights first, then the KV cache, so the weights land before the cache is
+re-allocated). vLLM-CPU has no sleep mode; the calls are no-ops there.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ class VLLMEngine(Engine):
     name = "vllm"
 
     def __init__(self, model: str | Path, dtype: str = "auto", max_model_len: int | None = None,
-                 seed: int = 0, enforce_eager: bool = False, gpu_memory_utilization: float = 0.9, **llm_kwargs):
+                 seed: int = 0, enforce_eager: bool = False, gpu_memory_utilization: float = 0.9,
+                 colocated: bool = False, **llm_kwargs):
         try:
             import torch
         except ImportError as e:  # pragma: no cover - torch is a dependency
             raise RuntimeError("vLLM needs torch") from e
-        if not torch.cuda.is_available():
+        if colocated:  # the engine must share this process (and its memory) with the trainer
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        elif not torch.cuda.is_available():
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
@@ -45,7 +54,15 @@ class VLLMEngine(Engine):
             kwargs["max_model_len"] = max_model_len
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.colocated = colocated
+        if colocated:
+            from .vllm_receivers import INPROC, register
+
+            register()
+            kwargs["weight_transfer_config"] = {"backend": INPROC}
+            kwargs["enable_sleep_mode"] = torch.cuda.is_available()
         self.llm = LLM(**kwargs)
+        self._sync = None
         self.tokenizer = self.llm.get_tokenizer()
         self.model_name = str(model)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -83,6 +100,39 @@ class VLLMEngine(Engine):
                 logprobs = [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)]
             finish = "length" if o.finish_reason == "length" else "stop"
             result[i].append(Sample(o.text, list(o.token_ids), finish, logprobs))
+        return result
+
+    # ------------------------------------------------------------------ RL
+    def load_weights(self, model, args, bucket_bytes: int = 256 << 20) -> dict:
+        """Copy the core's current weights into the engine (colocated); returns sync stats."""
+        if not self.colocated:
+            raise RuntimeError("load_weights needs VLLMEngine(..., colocated=True)")
+        from .weight_sync import InProcessClient, InProcessTransport, WeightSync
+
+        dtype = self.llm.llm_engine.model_config.dtype
+        if self._sync is None or self._sync.bucket_bytes != bucket_bytes:
+            self._sync = WeightSync(InProcessClient(self.llm), InProcessTransport(), bucket_bytes, dtype)
+        return self._sync.push(model, args)
+
+    def sleep(self) -> None:
+        """Free the accelerator for training: weights offloaded, KV cache dropped."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.llm.wake_up(tags)
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(token t | tokens < t) for t >= 1 of each sequence: the engine's view of a fixed
+        batch, to compare with the trainer's."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        result = []
+        for seq, out in zip(sequences, outs):
+            steps = out.prompt_logprobs[1:]
+            result.append([step[tok].logprob for step, tok in zip(steps, seq[1:])])
         return result
 
     def close(self) -> None:
