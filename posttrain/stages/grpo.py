@@ -143,7 +143,9 @@ def _prompts(cfg: GRPOConfig, seed: int) -> tuple[list[PromptRecord], list[Promp
 
 
 class GRPORun:
-    def __init__(self, cfg: GRPOConfig):
+    def __init__(self, cfg: GRPOConfig, train_prompts: list[PromptRecord] | None = None,
+                 eval_prompts: list[PromptRecord] | None = None):
+        """Prompts come from cfg.prompts unless given here (the demo passes its own split)."""
         import reward
 
         self.cfg = cfg
@@ -154,7 +156,11 @@ class GRPORun:
         if cfg.grpo.loss.beta > 0:  # the frozen reference: a copy of the starting policy
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.reward_fns = {name: reward.get(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
-        self.train_prompts, self.eval_prompts = _prompts(cfg, cfg.train.seed)
+        if train_prompts is None or eval_prompts is None:
+            loaded = _prompts(cfg, cfg.train.seed)
+            train_prompts = loaded[0] if train_prompts is None else train_prompts
+            eval_prompts = loaded[1] if eval_prompts is None else eval_prompts
+        self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
         self.trainer = Trainer(model, cfg.train, self._loss, lambda rows: rows[0], run_config=asdict(cfg))
         self.model = model
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
