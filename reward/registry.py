@@ -3,6 +3,8 @@
 `get(name, **options)` builds the reward; `register(name, factory)` adds one (any callable
 with TRL's signature, e.g. an open-r1 reward function, via `register("x", lambda: fn)`);
 `combine({...})` makes the weighted sum of several, itself a reward with the same signature.
+A name of the form `package.module:function` imports that function (TRL's signature) without
+registering it, so a config can use a reward from the user's own code.
 """
 
 from __future__ import annotations
@@ -24,11 +26,30 @@ def available() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def _imported(spec: str, options: dict) -> RewardFn:
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise KeyError(f"reward {spec!r}: cannot import {attr!r} from {module!r} ({e})") from None
+    if options:  # a factory: called with the options to build the reward
+        fn = fn(**options)
+    return fn
+
+
 def get(name: str, **options: Any) -> RewardFn:
+    if ":" in name and name not in _FACTORIES:
+        fn = _imported(name, options)
+        if not hasattr(fn, "__name__"):
+            fn.__name__ = name
+        return fn
     try:
         factory = _FACTORIES[name]
     except KeyError:
-        raise KeyError(f"unknown reward {name!r}; available: {', '.join(available())}") from None
+        raise KeyError(f"unknown reward {name!r}; available: {', '.join(available())} "
+                       "(or module:function for your own)") from None
     fn = factory(**options)
     if not hasattr(fn, "__name__"):
         fn.__name__ = name  # TRL logs rewards by __name__

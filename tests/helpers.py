@@ -47,3 +47,9 @@ def hf_config(args: ModelArgs):
                 "seq_aux", "aux_loss_alpha", "moe_layer_freq"):
         cfg.pop(key)
     return DeepseekV3Config(**cfg)
+
+
+def digit_share(prompts=None, completions=None, **columns):
+    """A reward with TRL's signature that varies even for an untrained policy's text (for RL
+    tests that need groups with unequal rewards); configs name it `helpers:digit_share`."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]

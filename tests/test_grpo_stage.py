@@ -1,7 +1,14 @@
 """The GRPO stage end to end on a small random model (torch-engine rollouts): metrics, report
-files, a changed policy, and a resumed run that ends with the weights of an uninterrupted one."""
+files, a changed policy, and a run killed with SIGKILL then resumed that ends with the weights
+of an uninterrupted one."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,31 +31,27 @@ def policy_dir(tmp_path_factory):
     return path
 
 
-def digit_share(prompts=None, completions=None, **columns):
-    """A test reward with TRL's signature that varies even for an untrained policy's text."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-
-
-def _config(policy_dir, out, iterations=3, **grpo):
-    import reward
-    from posttrain.stages.grpo import grpo_config
-
-    if "digit_share" not in reward.available():
-        reward.register("digit_share", lambda: digit_share)
-
-    return grpo_config({
+def _config_dict(policy_dir, out, iterations=3, **grpo) -> dict:
+    return {
         "model": {"path": str(policy_dir)},
         "prompts": {"source": "synthetic", "limit": 16, "level": {"min_ops": 1, "max_ops": 1, "max_operand": 5},
                     "eval_limit": 4},
-        # a registered custom reward that varies for random text, so groups carry signal
-        "rewards": {"digit_share": 1.0, "math": 1.0},
+        # a custom reward from the user's code (module:function) that varies for random text,
+        # so groups carry signal
+        "rewards": {"helpers:digit_share": 1.0, "math": 1.0},
         "grpo": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 12, "micro_batch_size": 5,
                  "mask_truncated": False,  # an untrained policy never stops by itself
                  "loss": {"beta": 0.05, "aggregation": "dapo"}, **grpo},
         "iterations": iterations,
         "train": {"lr": 5e-3, "min_lr": 5e-3, "weight_decay": 0.0, "save_every": 1, "report_to": ["jsonl"],
                   "progress": False},
-        "output_dir": str(out)})
+        "output_dir": str(out)}
+
+
+def _config(policy_dir, out, iterations=3, **grpo):
+    from posttrain.stages.grpo import grpo_config
+
+    return grpo_config(_config_dict(policy_dir, out, iterations, **grpo))
 
 
 def test_grpo_runs_logs_and_changes_the_policy(policy_dir, tmp_path):
@@ -59,7 +62,7 @@ def test_grpo_runs_logs_and_changes_the_policy(policy_dir, tmp_path):
     assert 0.0 <= summary["accuracy_after"] <= 1.0 and summary["accuracy_before"] is not None
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("reward_mean", "reward/digit_share", "reward/math", "zero_std_group_frac", "response_len_mean",
+    for key in ("reward_mean", "reward/helpers:digit_share", "reward/math", "zero_std_group_frac", "response_len_mean",
                 "rollout_s", "train_s", "weight_sync_s", "entropy", "kl", "clip_frac_low", "clip_frac_high"):
         assert key in rows[-1], key
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 5000
@@ -69,26 +72,40 @@ def test_grpo_runs_logs_and_changes_the_policy(policy_dir, tmp_path):
     assert any("self_attn" in k for k in changed)
 
 
-def test_grpo_resume_after_a_crash_gives_the_uninterrupted_weights(policy_dir, tmp_path, monkeypatch):
-    from posttrain.stages import grpo as stage
+def _launch(config: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")  # one thread: bitwise-reproducible CPU kernels for the comparison
+    return subprocess.Popen([sys.executable, "-m", "posttrain", "grpo", "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    torch.set_num_threads(1)  # bitwise-reproducible CPU kernels for the comparison
-    stage.run_grpo(_config(policy_dir, tmp_path / "full", max_refills=0))
-    calls = {"n": 0}
-    original = stage.GRPORun._rollout
 
-    def crash_on_third(self, records, seed):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, records, seed)
+def test_grpo_killed_with_sigkill_resumes_to_the_uninterrupted_weights(policy_dir, tmp_path):
+    import yaml
 
-    monkeypatch.setattr(stage.GRPORun, "_rollout", crash_on_third)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        stage.run_grpo(_config(policy_dir, tmp_path / "resumed", max_refills=0))
-    monkeypatch.setattr(stage.GRPORun, "_rollout", original)
-    stage.run_grpo(_config(policy_dir, tmp_path / "resumed", max_refills=0))
+    runs = {}
+    for name in ("full", "killed"):
+        runs[name] = tmp_path / f"{name}.yaml"
+        runs[name].write_text(yaml.safe_dump(_config_dict(policy_dir, tmp_path / name, iterations=4, max_refills=0)))
+    full = _launch(runs["full"])
+    assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
+
+    victim = _launch(runs["killed"])
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        if latest.exists() and latest.read_text().strip() == "step-00000002":
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)  # mid-run: step 3 is being rolled out
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "final").exists()
+
+    resumed = _launch(runs["killed"])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
     a, _ = load_checkpoint(tmp_path / "full" / "final")
-    b, _ = load_checkpoint(tmp_path / "resumed" / "final")
+    b, _ = load_checkpoint(tmp_path / "killed" / "final")
     for k, v in a.state_dict().items():
-        assert torch.allclose(v, b.state_dict()[k], atol=1e-6, rtol=0), k
+        assert torch.equal(v, b.state_dict()[k]), k
+    rows = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the killed step is logged once, by the resumed run
