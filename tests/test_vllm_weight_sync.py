@@ -96,3 +96,28 @@ def test_engine_equals_trainer_after_each_sync(synced):
     assert gap(engine, model, seqs) > 100 * TOL
     engine.load_weights(model, args, bucket_bytes=0)  # one tensor at a time
     assert gap(engine, model, seqs) <= TOL
+
+
+def test_server_takes_weights_through_shared_memory(synced, tmp_path):
+    """A vLLM server we launch, fed over HTTP with buckets in shared-memory files."""
+    import glob
+
+    from posttrain.engines.vllm_server import VLLMServerEngine
+
+    model, args, colocated = synced
+    ckpt = tmp_path / "start"
+    save_checkpoint(model, args, ckpt, dtype=torch.float32, tokenizer=build_tokenizer(args.vocab_size))
+    engine = VLLMServerEngine(ckpt, build_tokenizer(args.vocab_size), dtype="float32", max_model_len=256,
+                              kv_cache_gb=0.25, shm_dir=str(tmp_path), log_path=tmp_path / "server.log")
+    try:
+        seqs = fixed_batch(args.vocab_size)
+        assert gap(engine, model, seqs) <= TOL
+        perturb_(model, seed=3)
+        assert gap(engine, model, seqs) > 100 * TOL
+        stats = engine.load_weights(model, args, bucket_bytes=2 << 20)
+        assert stats["buckets"] > 1
+        assert gap(engine, model, seqs) <= TOL
+        assert not glob.glob(str(tmp_path / "posttrain-weights-*"))  # every bucket file removed
+    finally:
+        engine.close()
+    assert engine.server.proc.poll() is not None

@@ -13,6 +13,8 @@ Rollout engines (`engine:`):
             given the new weights in buckets (engines/weight_sync.py), then its KV cache;
             after the rollout it sleeps while the trainer runs (GPU; a no-op on vLLM-CPU).
             Its log-probs feed truncated importance sampling (grpo.loss.tis_cap).
+    vllm-server  a vLLM server we launch (`vllm.python` may name another interpreter), fed
+            new weights over HTTP + shared-memory files, in the same buckets.
 Log-probs are of the sampled distribution: logits / temperature, in the trainer and engine.
 """
 
@@ -74,9 +76,11 @@ class VLLMSection:
     gpu_memory_utilization: float = 0.4
     bucket_mb: float = 256             # weight-sync bucket size (0 = one tensor at a time)
     enforce_eager: bool = True
+    python: str | None = None          # vllm-server: the interpreter that runs it (default: this one)
 
 
-ROLLOUT_ENGINES = ("torch", "vllm")
+ROLLOUT_ENGINES = ("torch", "vllm", "vllm-server")
+VLLM_ENGINES = ("vllm", "vllm-server")
 
 
 @dataclass
@@ -102,7 +106,7 @@ def grpo_config(data: dict) -> GRPOConfig:
         raise ConfigError("model.path (the SFT checkpoint to start from) is required")
     if cfg.engine not in ROLLOUT_ENGINES:
         raise ConfigError(f"engine {cfg.engine!r}: one of {', '.join(ROLLOUT_ENGINES)}")
-    if cfg.engine == "vllm":
+    if cfg.engine == "vllm" or (cfg.engine == "vllm-server" and not cfg.vllm.python):
         from posttrain.engines.vllm_engine import vllm_available
 
         if not vllm_available():
@@ -173,6 +177,14 @@ class GRPORun:
             self.engine = VLLMEngine(cfg.model.path, dtype=v.dtype, max_model_len=v.max_model_len, seed=cfg.train.seed,
                                      enforce_eager=v.enforce_eager, gpu_memory_utilization=v.gpu_memory_utilization,
                                      colocated=True, kv_cache_gb=v.kv_cache_gb)
+        elif cfg.engine == "vllm-server":
+            from posttrain.engines.vllm_server import VLLMServerEngine
+
+            v = cfg.vllm
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            self.engine = VLLMServerEngine(cfg.model.path, self.tokenizer, dtype=v.dtype, max_model_len=v.max_model_len,
+                                           kv_cache_gb=v.kv_cache_gb, enforce_eager=v.enforce_eager, python=v.python,
+                                           log_path=Path(cfg.output_dir) / "vllm-server.log")
         else:
             self.engine = TorchEngine(model, self.tokenizer, batch_size=64, model_name=str(cfg.model.path))
         self.engine_step = None    # the trainer step whose weights the engine holds (None: unknown)
@@ -182,7 +194,7 @@ class GRPORun:
     # ------------------------------------------------------------- engine
     def _engine_ready(self) -> None:
         """vLLM: wake the weights, load the trainer's current ones if they changed, then the KV cache."""
-        if self.engine.name != "vllm":
+        if self.engine.name not in VLLM_ENGINES:
             return
         if not self.engine_awake:
             self.engine.wake_up(["weights"])
@@ -194,8 +206,13 @@ class GRPORun:
             self.engine.wake_up(["kv_cache"])
             self.engine_awake = True
 
+    def close(self) -> None:
+        """Stop what the run started (a vLLM server is a child process)."""
+        if self.engine.name == "vllm-server":
+            self.engine.close()
+
     def _engine_rest(self) -> None:
-        if self.engine.name == "vllm" and self.engine_awake:
+        if self.engine.name in VLLM_ENGINES and self.engine_awake:
             self.engine.sleep()
             self.engine_awake = False
 
@@ -229,7 +246,7 @@ class GRPORun:
         with torch.no_grad():
             outs = self.engine.generate(messages, SamplingConfig(n=g.group_size, max_tokens=g.max_new_tokens,
                                                                  temperature=g.temperature, top_p=g.top_p,
-                                                                 seed=seed, logprobs=self.engine.name == "vllm"))
+                                                                 seed=seed, logprobs=self.engine.name in VLLM_ENGINES))
         self.model.train()
         prompt_ids = [render_prompt(self.tokenizer, m) for m in messages]
         rows, texts, prompts_rep, cols = [], [], [], {}
@@ -424,4 +441,8 @@ def _plot_rewards(path: Path, rows: list[dict]) -> None:
 
 
 def run_grpo(cfg: GRPOConfig) -> dict:
-    return GRPORun(cfg).run()
+    run = GRPORun(cfg)
+    try:
+        return run.run()
+    finally:
+        run.close()
