@@ -76,8 +76,22 @@ def build(cls, data: dict | None, where: str = ""):
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _number(hint, value, where + name)
     return cls(**kwargs)
+
+
+def _accepts(hint, kind) -> bool:
+    return hint is kind or kind in typing.get_args(hint)
+
+
+def _number(hint, value, path: str):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a float field takes it as the number meant."""
+    if isinstance(value, str) and _accepts(hint, float) and not _accepts(hint, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    return value
 
 
 def _dataclass_in(hint):
