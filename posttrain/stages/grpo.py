@@ -225,11 +225,12 @@ class GRPORun:
                                   ref_logp=batch.get("ref_logp"), rollout_logp=batch.get("rollout_logp"),
                                   global_sequences=batch["global_sequences"],
                                   global_tokens=batch["global_tokens"])
-        # the Trainer averages micro-batch losses (divides by their number); the shares here
-        # already carry the global normaliser, so scale back to a plain sum
-        loss = loss * batch["n_micro"]
+        # the Trainer averages micro-batch losses (divides by their number) and DDP averages
+        # gradients over processes; the shares here already carry the global normaliser, so
+        # scale back to a plain sum over micro-batches and processes
+        loss = loss * batch["n_micro"] * self.world
         balance = model.balance_loss()
-        if balance is not None:
+        if balance is not None and not batch.get("dummy"):
             loss = loss + balance
         m = mask.bool()
         metrics["entropy"] = float(entropy.detach()[m].mean()) if m.any() else 0.0
@@ -309,14 +310,142 @@ class GRPORun:
 
         self.model.eval()
         self._engine_ready()
-        result = greedy_accuracy(self.engine, self.eval_prompts, max_tokens=self.cfg.grpo.max_new_tokens,
-                                 system_prompt=self.cfg.prompts.system_prompt)
+        result = None
+        if self.trainer.accelerator.is_main_process:  # one process evaluates; the others wait
+            result = greedy_accuracy(self.engine, self.eval_prompts, max_tokens=self.cfg.grpo.max_new_tokens,
+                                     system_prompt=self.cfg.prompts.system_prompt)
         self._engine_rest()
         self.model.train()
+        if self.world > 1:
+            box = [result]
+            torch.distributed.broadcast_object_list(box, src=0)
+            result = box[0]
         return result
 
-    def run(self) -> dict:
+    # ----------------------------------------------------- across processes
+    @property
+    def world(self) -> int:
+        return self.trainer.accelerator.num_processes
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def _all_gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def _dummy_batch(self) -> dict:
+        """A batch that contributes exactly nothing: a rank with fewer micro-batches than the
+        others runs these so every rank does the same number of backward passes (DDP)."""
+        b = self._collate([([self.pad], [self.pad], "stop", None)], torch.zeros(1))
+        b["completion_mask"].zero_()
+        b["old_logp"] = torch.zeros_like(b["completion_mask"])
+        if self.ref is not None:
+            b["ref_logp"] = torch.zeros_like(b["completion_mask"])
+        b["dummy"] = True
+        return b
+
+    # ----------------------------------------------------------- iteration
+    def _generate_batch(self, plan: BatchPlan) -> tuple[list, torch.Tensor, dict]:
+        """Rollouts for this rank's share of the prompt batch, refilled (on every rank alike,
+        so the data position stays in step) while any rank lacks informative groups."""
         cfg, g, trainer = self.cfg, self.cfg.grpo, self.trainer
+        rank = trainer.accelerator.process_index
+        want = (g.prompts_per_step // self.world) * g.group_size
+        kept_rows, kept_adv = [], []
+        stats = {"rewards": [], "per_reward": {}, "zero": [], "lengths": []}
+        for _ in range(1 + (g.max_refills if g.dynamic_sampling else 0)):
+            records = [self.train_prompts[i] for i in plan.rows(trainer.micro)]
+            trainer.micro += 1  # data position: prompt batches consumed
+            # prompt j of the global batch gets seed base + j on whichever rank it lands, so a run's
+            # samples do not depend on the number of processes
+            per_rank = g.prompts_per_step // self.world
+            ro = self._rollout(records, seed=(cfg.train.seed * 1_000_003 + trainer.micro) * 65_536 + rank * per_rank)
+            adv, zero = group_advantages(ro["rewards"], g.group_size, g.advantage_scale)
+            stats["rewards"] += ro["rewards"].tolist()
+            for k, v in ro["per_reward"].items():
+                stats["per_reward"].setdefault(k, []).extend(v)
+            stats["zero"] += zero.tolist()
+            stats["lengths"] += [len(c) for _, c, _, _ in ro["rows"]]
+            keep = ~zero.repeat_interleave(g.group_size) if g.dynamic_sampling else torch.ones(len(adv), dtype=torch.bool)
+            kept_rows += [r for r, k in zip(ro["rows"], keep.tolist()) if k]
+            kept_adv.append(adv[keep])
+            if not g.dynamic_sampling or self._all_sum([float(len(kept_rows) < want)])[0] == 0:
+                break
+        return kept_rows, torch.cat(kept_adv).float(), stats
+
+    def _row_from_stats(self, stats: dict, iteration: int) -> dict:
+        """Metrics over every rank's samples."""
+        merged = {"rewards": [], "per_reward": {}, "zero": [], "lengths": []}
+        for st in self._all_gather(stats):
+            merged["rewards"] += st["rewards"]
+            merged["zero"] += st["zero"]
+            merged["lengths"] += st["lengths"]
+            for k, v in st["per_reward"].items():
+                merged["per_reward"].setdefault(k, []).extend(v)
+        rewards = torch.tensor(merged["rewards"], dtype=torch.float64)
+        row = {"iteration": iteration, "reward_mean": float(rewards.mean()),
+               "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+               "zero_std_group_frac": sum(merged["zero"]) / len(merged["zero"]),
+               "response_len_mean": sum(merged["lengths"]) / len(merged["lengths"])}
+        for k, v in merged["per_reward"].items():
+            row[f"reward/{k}"] = sum(v) / len(v)
+        if "math" in merged["per_reward"]:
+            row["accuracy"] = sum(x == 1.0 for x in merged["per_reward"]["math"]) / len(merged["per_reward"]["math"])
+        return row
+
+    def _micro_batches(self, kept_rows, adv, row) -> list[dict]:
+        g = self.cfg.grpo
+        micro = []
+        for s in range(0, len(kept_rows), g.micro_batch_size):
+            b = self._collate(kept_rows[s:s + g.micro_batch_size], adv[s:s + g.micro_batch_size])
+            b["old_logp"] = self._logprobs(self.model, b)
+            if "rollout_logp" in b:  # how far the engine's numerics are from the trainer's
+                m = b["completion_mask"].bool()
+                gap = (b["old_logp"] - b["rollout_logp"]).abs()[m]
+                row["engine_logp_gap_max"] = max(row.get("engine_logp_gap_max", 0.0),
+                                                 float(gap.max()) if gap.numel() else 0.0)
+            if self.ref is not None:
+                b["ref_logp"] = self._logprobs(self.ref, b)
+            micro.append(b)
+        return micro
+
+    def _train_on(self, kept_rows, adv, row) -> None:
+        g, trainer = self.cfg.grpo, self.trainer
+        micro = self._micro_batches(kept_rows, adv, row)
+        local_tokens = float(sum(b["completion_mask"].sum() for b in micro))
+        sequences, tokens, n_max = self._all_sum([float(len(kept_rows)), local_tokens, 0.0])[:2] + [
+            max(self._all_gather(len(micro)))]
+        row["sequences"] = int(sequences)
+        if sequences == 0:  # every group on every rank was uninformative: the steps still count
+            trainer.step += g.updates_per_batch
+            return
+        micro += [self._dummy_batch() for _ in range(n_max - len(micro))]
+        for b in micro:
+            b.update(global_sequences=int(sequences), global_tokens=int(tokens), n_micro=len(micro))
+        for _ in range(g.updates_per_batch):
+            sums, grad_norm, finite, loads, _ = trainer.optimizer_step(iter(micro), len(micro))
+            keys = sorted(sums)
+            for k, v in zip(keys, self._all_sum([sums[k] for k in keys])):
+                row[k] = v / self.world
+            row["grad_norm"] = grad_norm
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, g, trainer = self.cfg, self.cfg.grpo, self.trainer
+        main = trainer.accelerator.is_main_process
+        if g.prompts_per_step % self.world:
+            raise ConfigError(f"grpo.prompts_per_step ({g.prompts_per_step}) must divide evenly over "
+                              f"{self.world} processes")
         total_steps = cfg.iterations * g.updates_per_batch
         trainer.scheduler = build_scheduler(trainer.optimizer, cfg.train, total_steps)
         latest = trainer.latest_checkpoint()
@@ -324,85 +453,47 @@ class GRPORun:
             trainer.load(latest)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(out, cfg.train, trainer.step, True, asdict(cfg))
-        plan = BatchPlan(len(self.train_prompts), g.prompts_per_step, cfg.train.seed)
+        log = MetricsLog(out, cfg.train, trainer.step, main, asdict(cfg))
+        plan = BatchPlan(len(self.train_prompts), g.prompts_per_step // self.world, cfg.train.seed, self.world,
+                         trainer.accelerator.process_index)
         t0 = time.perf_counter()
         before = self.evaluate() if trainer.step == 0 else None
-        curve = []
+        bar = tqdm(total=cfg.iterations, initial=trainer.step // g.updates_per_batch, desc="grpo",
+                   disable=not (cfg.train.progress and main))
         try:
             while trainer.step < total_steps:
                 iteration = trainer.step // g.updates_per_batch
                 t_roll = time.perf_counter()
-                kept_rows, kept_adv, rewards_all, per_reward_all, zero_frac, lengths = [], [], [], {}, [], []
-                for refill in range(1 + (g.max_refills if g.dynamic_sampling else 0)):
-                    records = [self.train_prompts[i] for i in plan.rows(trainer.micro)]
-                    trainer.micro += 1  # data position: prompt batches consumed
-                    ro = self._rollout(records, seed=cfg.train.seed * 1_000_003 + trainer.micro)
-                    adv, zero = group_advantages(ro["rewards"], g.group_size, g.advantage_scale)
-                    rewards_all.append(ro["rewards"])
-                    for k, v in ro["per_reward"].items():
-                        per_reward_all.setdefault(k, []).extend(v)
-                    zero_frac.append(float(zero.float().mean()))
-                    lengths += [len(c) for _, c, _, _ in ro["rows"]]
-                    keep = ~zero.repeat_interleave(g.group_size) if g.dynamic_sampling else torch.ones(len(adv), dtype=torch.bool)
-                    kept_rows += [r for r, k in zip(ro["rows"], keep.tolist()) if k]
-                    kept_adv.append(adv[keep])
-                    if not g.dynamic_sampling or len(kept_rows) >= g.prompts_per_step * g.group_size:
-                        break
+                kept_rows, adv, stats = self._generate_batch(plan)
                 self._engine_rest()
                 sync_s = self.last_sync.pop("seconds", 0.0) if self.last_sync else 0.0
-                rollout_s = time.perf_counter() - t_roll - sync_s
-                rewards = torch.cat(rewards_all)
-                row = {"iteration": iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                       "zero_std_group_frac": sum(zero_frac) / len(zero_frac), "response_len_mean": sum(lengths) / len(lengths),
-                       "rollout_s": rollout_s, "weight_sync_s": sync_s, "sequences": len(kept_rows)}
-                for k, v in per_reward_all.items():
-                    row[f"reward/{k}"] = sum(v) / len(v)
-                if "math" in per_reward_all:
-                    row["accuracy"] = sum(x == 1.0 for x in per_reward_all["math"]) / len(per_reward_all["math"])
+                row = self._row_from_stats(stats, iteration)
+                row.update(rollout_s=time.perf_counter() - t_roll - sync_s, weight_sync_s=sync_s)
                 t_train = time.perf_counter()
-                if kept_rows:
-                    adv = torch.cat(kept_adv).float()
-                    micro = []
-                    for s in range(0, len(kept_rows), g.micro_batch_size):
-                        b = self._collate(kept_rows[s:s + g.micro_batch_size], adv[s:s + g.micro_batch_size])
-                        b["old_logp"] = self._logprobs(self.model, b)
-                        if "rollout_logp" in b:  # how far the engine's numerics are from the trainer's
-                            m = b["completion_mask"].bool()
-                            gap = (b["old_logp"] - b["rollout_logp"]).abs()[m]
-                            row["engine_logp_gap_max"] = max(row.get("engine_logp_gap_max", 0.0),
-                                                             float(gap.max()) if gap.numel() else 0.0)
-                        if self.ref is not None:
-                            b["ref_logp"] = self._logprobs(self.ref, b)
-                        micro.append(b)
-                    n_tokens = int(sum(b["completion_mask"].sum() for b in micro))
-                    for b in micro:
-                        b.update(global_sequences=len(kept_rows), global_tokens=n_tokens, n_micro=len(micro))
-                    for _ in range(g.updates_per_batch):
-                        sums, grad_norm, finite, loads, _ = trainer.optimizer_step(iter(micro), len(micro))
-                        row.update(sums)
-                        row["grad_norm"] = grad_norm
-                else:  # every group was uninformative: nothing to learn from; the step still counts
-                    for _ in range(g.updates_per_batch):
-                        trainer.step += 1
+                self._train_on(kept_rows, adv, row)
                 row["train_s"] = time.perf_counter() - t_train
                 row["lr"] = trainer.scheduler.get_last_lr()[0]
                 if cfg.eval_every and (iteration + 1) % cfg.eval_every == 0 and trainer.step < total_steps:
                     row["eval_accuracy"] = self.evaluate()["accuracy"]
                 log.log(trainer.step, row)
-                curve.append(row)
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", **({"acc": f"{row['eval_accuracy']:.2f}"}
+                                                                       if "eval_accuracy" in row else {}))
                 if cfg.train.save_every and trainer.step % cfg.train.save_every == 0 and trainer.step < total_steps:
                     trainer.save()
             trainer.save()
         finally:
+            bar.close()
             log.close()
         after = self.evaluate()
-        save_checkpoint(self.model, self.args, out / "final", tokenizer=self.tokenizer)
         summary = {"accuracy_before": before["accuracy"] if before else None, "accuracy_after": after["accuracy"],
                    "wall_s": time.perf_counter() - t0, "engine": self.engine.name, "iterations": cfg.iterations,
-                   "eval_prompts": len(self.eval_prompts), "final": str(out / "final")}
-        atomic_write_json(out / "summary.json", summary)
-        _plot_rewards(out / "reward_curve.png", _read_metrics(out))
+                   "processes": self.world, "eval_prompts": len(self.eval_prompts), "final": str(out / "final")}
+        if main:
+            save_checkpoint(self.model, self.args, out / "final", tokenizer=self.tokenizer)
+            atomic_write_json(out / "summary.json", summary)
+            _plot_rewards(out / "reward_curve.png", _read_metrics(out))
+        trainer.accelerator.wait_for_everyone()
         return summary
 
 

@@ -63,11 +63,17 @@ class _Caller:
     """What loss functions receive: method calls go through the prepared (possibly DDP) module's
     forward; other attributes come from the model itself."""
 
+    # read what the last forward stored, using no parameter: a second pass through DDP's
+    # forward before backward would mark every parameter it did not touch ready twice
+    DIRECT = frozenset({"balance_loss"})
+
     def __init__(self, prepared: torch.nn.Module, model: torch.nn.Module):
         self._prepared, self._model = prepared, model
 
     def __getattr__(self, name: str):
         attr = getattr(self._model, name)
+        if name in self.DIRECT:
+            return attr
         if callable(attr) and not isinstance(attr, torch.nn.Module):
             return lambda *args, **kwargs: self._prepared(name, *args, **kwargs)
         return attr
