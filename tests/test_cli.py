@@ -67,10 +67,10 @@ def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert "unknown config field" in capsys.readouterr().err
 
 
-@pytest.mark.timeout(1500)  # the whole demo: SFT from random weights takes minutes on 2 cores
+@pytest.mark.timeout(2400)  # the whole demo: SFT from random weights, then GRPO, take minutes on 2 cores
 def test_demo_writes_summary_and_a_loadable_checkpoint(tmp_path):
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "demo", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=1200)
+                         capture_output=True, text=True, timeout=2400)
     assert out.returncode == 0, out.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     m = summary["model"]
@@ -100,4 +100,10 @@ def test_demo_writes_summary_and_a_loadable_checkpoint(tmp_path):
     rm = summary["rm"]
     assert rm["pairs_train"] > 0 and rm["pairs_eval"] > 0 and 0.0 <= rm["heldout_accuracy"] <= 1.0
     assert (tmp_path / "rm" / "eval" / "report.png").exists()
-    assert "not built yet" in out.stdout
+    # GRPO from the SFT checkpoint: same held-out set and decoding as the SFT figure
+    g = summary["grpo"]
+    assert g["engine"] in ("torch", "vllm") and g["wall_s"] > 0
+    assert g["accuracy_before"] == pytest.approx(s["accuracy_after"], abs=0.02)
+    assert g["accuracy_after"] > g["accuracy_before"], g
+    assert (tmp_path / "grpo" / "reward_curve.png").stat().st_size > 5000
+    assert "not_built_yet" not in summary

@@ -66,6 +66,7 @@ class GRPOSection:
     dynamic_sampling: bool = True      # drop groups whose rewards are all equal, refill
     max_refills: int = 2               # extra prompt batches drawn per iteration at most
     mask_truncated: bool = True        # completions cut by max_new_tokens get no gradient
+    aux_loss_alpha: float | None = None  # MoE sequence-wise balance loss weight (default: the checkpoint's)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class GRPOConfig:
     reward_options: dict = field(default_factory=dict)     # per reward: constructor options
     iterations: int = 20
     eval_every: int = 0                # iterations between held-out evaluations (0 = start and end)
+    eval_max_new_tokens: int | None = None   # greedy held-out decoding (default grpo.max_new_tokens)
     engine: str = "torch"
     vllm: VLLMSection = field(default_factory=VLLMSection)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -155,6 +157,8 @@ class GRPORun:
         self.cfg = cfg
         torch.manual_seed(cfg.train.seed)
         model, self.args = load_checkpoint(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
+        if cfg.grpo.aux_loss_alpha is not None:  # the modules share this args object
+            model.args.aux_loss_alpha = cfg.grpo.aux_loss_alpha
         self.tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, self.args.vocab_size)
         self.ref = None
         if cfg.grpo.loss.beta > 0:  # the frozen reference: a copy of the starting policy
@@ -312,7 +316,8 @@ class GRPORun:
         self._engine_ready()
         result = None
         if self.trainer.accelerator.is_main_process:  # one process evaluates; the others wait
-            result = greedy_accuracy(self.engine, self.eval_prompts, max_tokens=self.cfg.grpo.max_new_tokens,
+            result = greedy_accuracy(self.engine, self.eval_prompts,
+                                     max_tokens=self.cfg.eval_max_new_tokens or self.cfg.grpo.max_new_tokens,
                                      system_prompt=self.cfg.prompts.system_prompt)
         self._engine_rest()
         self.model.train()
