@@ -231,12 +231,15 @@ def _grpo_stage(out: Path, seed: int, train_prompts: list, heldout: list) -> dic
     """configs/grpo/tiny.yaml from the SFT checkpoint with the math rule reward, on the demo's
     training questions; greedy accuracy on the SFT stage's held-out set, same decoding."""
     from posttrain.config import apply_overrides, load_yaml
+    from posttrain.engines.vllm_engine import vllm_available
     from posttrain.paths import shipped_config
     from posttrain.stages.grpo import GRPORun, grpo_config
 
+    # vLLM rollouts when it is installed (about twice the torch engine's sampled tokens/s here)
+    engine = "vllm" if vllm_available() else "torch"
     data = apply_overrides(load_yaml(shipped_config("grpo", "tiny.yaml")), [
         f"model.path={out / 'sft' / 'final'}", f"output_dir={out / 'grpo'}", f"train.seed={seed}",
-        "train.progress=false", "eval_max_new_tokens=256"])
+        "train.progress=false", "eval_max_new_tokens=256", f"engine={engine}"])
     cfg = grpo_config(data)
     print(f"[grpo] {cfg.iterations} iterations of {cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size} "
           f"samples, math rule reward, {cfg.engine} engine")
