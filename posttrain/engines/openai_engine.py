@@ -23,6 +23,18 @@ from .base import Engine, EngineError, Prompt, Sample, SamplingConfig, resolve_s
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
+def optional_sampling_fields(sampling: SamplingConfig) -> dict:
+    """The OpenAI-compatible request fields that are sent only when set."""
+    body: dict = {}
+    if sampling.top_k:
+        body["top_k"] = sampling.top_k
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    if sampling.stop_token_ids:
+        body["stop_token_ids"] = list(sampling.stop_token_ids)
+    return body
+
+
 class EngineRequestError(EngineError):
     """A request that still failed after every retry."""
 
@@ -101,13 +113,7 @@ class OpenAIEngine(Engine):
     # -------------------------------------------------------------- generate
     def _body(self, prompt: Prompt, sampling: SamplingConfig, n: int, seed: int) -> tuple[str, dict]:
         body = {"model": self.model, "n": n, "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
-                "top_p": sampling.top_p, "seed": seed, **self.extra_body}
-        if sampling.top_k:
-            body["top_k"] = sampling.top_k
-        if sampling.stop:
-            body["stop"] = list(sampling.stop)
-        if sampling.stop_token_ids:
-            body["stop_token_ids"] = list(sampling.stop_token_ids)
+                "top_p": sampling.top_p, "seed": seed, **optional_sampling_fields(sampling), **self.extra_body}
         if isinstance(prompt, str):
             body["prompt"] = prompt
             if sampling.logprobs:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .base import Engine, EngineError, Prompt, Sample, SamplingConfig, render_prompt, sample_rows
+from .openai_engine import optional_sampling_fields
 
 SERVED_NAME = "policy"
 
@@ -124,15 +125,9 @@ class VLLMServerEngine(Engine):
             _, ids, seed = row
             body = {"model": SERVED_NAME, "prompt": ids, "max_tokens": sampling.max_tokens,
                     "temperature": sampling.temperature, "top_p": sampling.top_p, "return_token_ids": True,
-                    "skip_special_tokens": True}
+                    "skip_special_tokens": True, **optional_sampling_fields(sampling)}
             if sampling.temperature > 0:
                 body["seed"] = seed % (1 << 63)
-            if sampling.top_k:
-                body["top_k"] = sampling.top_k
-            if sampling.stop:
-                body["stop"] = list(sampling.stop)
-            if sampling.stop_token_ids:
-                body["stop_token_ids"] = list(sampling.stop_token_ids)
             if sampling.logprobs:
                 body["logprobs"] = 0
             choice = self.client._post("/completions", body)["choices"][0]
