@@ -426,8 +426,8 @@ class GRPORun:
         g, trainer = self.cfg.grpo, self.trainer
         micro = self._micro_batches(kept_rows, adv, row)
         local_tokens = float(sum(b["completion_mask"].sum() for b in micro))
-        sequences, tokens, n_max = self._all_sum([float(len(kept_rows)), local_tokens, 0.0])[:2] + [
-            max(self._all_gather(len(micro)))]
+        sequences, tokens = self._all_sum([float(len(kept_rows)), local_tokens])
+        n_max = max(self._all_gather(len(micro)))
         row["sequences"] = int(sequences)
         if sequences == 0:  # every group on every rank was uninformative: the steps still count
             trainer.step += g.updates_per_batch
