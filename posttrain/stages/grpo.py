@@ -193,7 +193,7 @@ class GRPORun:
             self.engine = TorchEngine(model, self.tokenizer, batch_size=64, model_name=str(cfg.model.path))
         self.engine_step = None    # the trainer step whose weights the engine holds (None: unknown)
         self.engine_awake = True
-        self.last_sync: dict = {}
+        self.sync_s = 0.0          # weight-sync seconds since the last metrics row
 
     # ------------------------------------------------------------- engine
     def _engine_ready(self) -> None:
@@ -204,7 +204,7 @@ class GRPORun:
             self.engine.wake_up(["weights"])
         if self.engine_step != self.trainer.step:
             stats = self.engine.load_weights(self.model, self.args, bucket_bytes=int(self.cfg.vllm.bucket_mb * (1 << 20)))
-            self.last_sync["seconds"] = self.last_sync.get("seconds", 0.0) + stats["seconds"]
+            self.sync_s += stats["seconds"]
             self.engine_step = self.trainer.step
         if not self.engine_awake:
             self.engine.wake_up(["kv_cache"])
@@ -471,7 +471,7 @@ class GRPORun:
                 t_roll = time.perf_counter()
                 kept_rows, adv, stats = self._generate_batch(plan)
                 self._engine_rest()
-                sync_s = self.last_sync.pop("seconds", 0.0) if self.last_sync else 0.0
+                sync_s, self.sync_s = self.sync_s, 0.0
                 row = self._row_from_stats(stats, iteration)
                 row.update(rollout_s=time.perf_counter() - t_roll - sync_s, weight_sync_s=sync_s)
                 t_train = time.perf_counter()
