@@ -167,3 +167,32 @@ def test_balance_loss_reaches_router_weights_only_through_affinities():
     router = model.layers[-1].mlp.gate.weight
     assert router.grad is not None and router.grad.abs().sum() > 0
     assert model.layers[-1].mlp.experts.gate_proj.grad is None  # selection counts carry no gradient
+
+
+def test_moe_backward_is_bitwise_reproducible_with_several_threads():
+    """Each token is routed to K experts; summing its K gradients must not depend on thread timing.
+
+    A plain `x[token_of_row]` gather makes the backward a colliding scatter-add whose order
+    varies with the CPU thread schedule: the same step then gives different gradients
+    (and a demo whose figure changes from run to run).
+    """
+    from posttrain.model import ModelArgs
+    from posttrain.paths import model_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        args = ModelArgs.from_json(model_config("tiny"))
+        moe = randomize_(MoE(args), seed=5).train()
+        x = torch.randn(4, 512, args.hidden_size, generator=torch.Generator().manual_seed(6))
+        upstream = torch.randn(4, 512, args.hidden_size, generator=torch.Generator().manual_seed(7))
+        grads = []
+        for _ in range(6):
+            xi = x.clone().requires_grad_(True)
+            (moe(xi) * upstream).sum().backward()
+            grads.append(xi.grad)
+        assert grads[0].abs().sum() > 0
+        for g in grads[1:]:
+            assert torch.equal(g, grads[0])
+    finally:
+        torch.set_num_threads(threads)

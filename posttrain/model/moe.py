@@ -169,18 +169,25 @@ class MoE(nn.Module):
         return y
 
     def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        """Permute tokens by expert, run the grouped GEMM, scatter back weighted (in float32)."""
+        """Permute tokens by expert, run the grouped GEMM, combine weighted (in float32).
+
+        Every index op here is a permutation of the N*K (token, slot) rows, and the K copies
+        of a token are summed by a reduction over a fixed axis. Gathering each token K times
+        with a plain index would make its backward a scatter-add with collisions, whose
+        multi-threaded CPU order (and CUDA atomics) change the gradient run to run.
+        """
         N, K = idx_NK.shape
+        D = x_ND.shape[1]
         flat = idx_NK.flatten()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.args.n_routed_experts)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        token_of_row = order // K
-        y_MD = self.experts(x_ND[token_of_row], offsets)
-        y_MD = y_MD.float() * weights_NK.flatten()[order, None].float()
-        out = torch.zeros(N, x_ND.shape[1], dtype=torch.float32, device=x_ND.device)
-        out.index_add_(0, token_of_row, y_MD)
-        return out.to(x_ND.dtype)
+        x_MD = x_ND[:, None].expand(N, K, D).reshape(N * K, D)[order]
+        y_MD = self.experts(x_MD, offsets)
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        y_NKD = y_MD[unsort].float().view(N, K, D) * weights_NK[..., None].float()
+        return y_NKD.sum(1).to(x_ND.dtype)
 
 
 @torch.no_grad()
