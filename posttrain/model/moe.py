@@ -87,9 +87,17 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        # All three GEMMs (forward and backward) in blockwise FP8; set by enable_fp8_training.
+        # The FP8 weight gradient needs each expert's rows to start on a multiple of 128.
+        self.fp8 = False
 
     def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """x rows sorted by expert; offsets are the cumulative row ends per expert."""
+        if self.fp8:
+            from .fp8_training import fp8_grouped_linear
+            gate = fp8_grouped_linear(x_MD, self.gate_proj, offsets_E)
+            up = fp8_grouped_linear(x_MD, self.up_proj, offsets_E)
+            return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, offsets_E)
         gate = grouped_mm(x_MD, self.gate_proj.transpose(1, 2), offsets_E)
         up = grouped_mm(x_MD, self.up_proj.transpose(1, 2), offsets_E)
         return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets_E)
@@ -183,7 +191,17 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.args.n_routed_experts)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         x_MD = x_ND[:, None].expand(N, K, D).reshape(N * K, D)[order]
-        y_MD = self.experts(x_MD, offsets)
+        if self.experts.fp8:
+            # Each expert's rows start on a multiple of 128 (zero rows between), so no FP8
+            # scale tile of the weight gradient mixes two experts. No host sync: the padded
+            # size is a static bound.
+            from .kernels import pad_offsets_to
+            layout = pad_offsets_to(counts, 128, num_rows=N * K)
+            x_pad = x_MD.new_zeros(layout.num_rows, D)
+            x_pad[layout.dest_rows] = x_MD
+            y_MD = self.experts(x_pad, layout.offsets)[layout.dest_rows]
+        else:
+            y_MD = self.experts(x_MD, offsets)
         unsort = torch.empty_like(order)
         unsort[order] = torch.arange(order.numel(), device=order.device)
         y_NKD = y_MD[unsort].float().view(N, K, D) * weights_NK[..., None].float()
