@@ -89,3 +89,14 @@ def test_enable_fp8_training_switches_projections_but_keeps_heads_and_names():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
                and p.grad is not None)
     assert model.layers[1].mlp.experts.gate_proj.grad.abs().sum() > 0
+
+
+def test_train_config_fp8_switches_the_trained_model(tmp_path):
+    from posttrain.train.config import TrainConfig
+    from posttrain.train.loop import Trainer
+
+    model = randomize_(Transformer(small_args(hidden_size=64, vocab_size=96)), seed=1)
+    Trainer(model, TrainConfig(out_dir=str(tmp_path), fp8=True, report_to=[], progress=False),
+            loss_fn=lambda *a, **k: None, collate=lambda rows: rows)
+    assert isinstance(model.layers[0].mlp.gate_proj, FP8Linear) and model.layers[1].mlp.experts.fp8
+    assert type(model.lm_head) is torch.nn.Linear

@@ -22,6 +22,7 @@ class TrainConfig:
     bf16_moments: bool = False             # AdamW moments in bf16, as the report does
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"            # "no" | "bf16" | "fp16" (accelerate)
+    fp8: bool = False                      # projections + routed experts: all GEMMs in blockwise FP8
     mtp_weight: float = 0.3                # lambda for the MTP losses
     bias_update_gamma: float = 0.0         # aux-loss-free balancing speed; 0 = frozen bias
     save_every: int = 0                    # optimizer steps between checkpoints; 0 = only at the end

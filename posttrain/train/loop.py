@@ -177,6 +177,9 @@ class Trainer:
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         torch.manual_seed(cfg.seed)
         self.model = model       # the model being trained (a peft model with LoRA)
+        if cfg.fp8:  # before the optimizer: the switch is in place, parameters are unchanged
+            from posttrain.model.fp8_training import enable_fp8_training
+            enable_fp8_training(model)
         self.optimizer = build_optimizer(model, cfg)
         self.prepared, self.optimizer = self.accelerator.prepare(_Dispatch(model), self.optimizer)
         self.caller = _Caller(self.prepared, model)
