@@ -25,6 +25,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tables import print_tables  # noqa: E402
 
 from posttrain.model import kernels as K  # noqa: E402
 from posttrain.model.kernels import fp8_gemm as dense  # noqa: E402
@@ -184,19 +187,6 @@ def grouped_section(tokens, top_k, E, D, I):
             vs_anchor=round(tflops / anchor, 3), rel_err=f"{err:.2e}")
 
 
-def print_tables():
-    for section in ("dense", "quant", "grouped"):
-        rows = [r for r in ROWS if r["section"] == section]
-        if not rows:
-            continue
-        keys = [k for k in rows[0] if k != "section"]
-        for r in rows:
-            keys += [k for k in r if k not in keys and k != "section"]
-        print(f"\n## {section}\n| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
-        for r in rows:
-            print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
@@ -212,7 +202,7 @@ def main():
         quant_section(*((1024, 1024) if a.quick else (16384, 7168)))
     if "grouped" in sections:
         grouped_section(*((1024, 6, 8, 256, 128) if a.quick else (16384, 6, 64, 2048, 1408)))
-    print_tables()
+    print_tables(ROWS, ("dense", "quant", "grouped"))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(ROWS, f, indent=1)

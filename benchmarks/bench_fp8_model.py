@@ -28,6 +28,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tables import print_tables  # noqa: E402
 
 from posttrain.model import ModelArgs, Transformer  # noqa: E402
 from posttrain.model.counting import count_parameters  # noqa: E402
@@ -280,19 +283,6 @@ def loss_section(quick, steps):
     return curves
 
 
-def print_tables():
-    for section in ("moe", "step", "loss"):
-        rows = [r for r in ROWS if r["section"] == section]
-        if not rows:
-            continue
-        keys = []
-        for r in rows:
-            keys += [k for k in r if k not in keys and k != "section"]
-        print(f"\n## {section}\n| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
-        for r in rows:
-            print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sections", default="moe,step,loss")
@@ -310,7 +300,7 @@ def main():
         step_section(a.quick)
     if "loss" in s:
         curves = loss_section(a.quick, a.steps)
-    print_tables()
+    print_tables(ROWS, ("moe", "step", "loss"))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": ROWS, "curves": curves}, f)
