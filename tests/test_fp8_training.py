@@ -56,7 +56,7 @@ def test_fp8_moe_layer_gradients_match_float64_within_fp8_tolerance():
     ref = randomize_(MoE(args), seed=4).double().train()
     moe = randomize_(MoE(args), seed=4).float().train()
     enable_fp8_training(moe)
-    assert moe.experts.fp8
+    assert moe.experts.fp8 and moe.fp8_experts
     g = torch.Generator().manual_seed(9)
     x = torch.randn(3, 50, args.hidden_size, generator=g)
     up = torch.randn(3, 50, args.hidden_size, generator=g)

@@ -131,10 +131,12 @@ def enable_fp8_training(model: nn.Module) -> dict[str, int]:
     Returns counts of what was switched. Weights whose dimensions are not multiples of 16
     stay in high precision (e4m3 GEMMs need 16-byte aligned rows).
     """
-    from .moe import GroupedExperts
+    from .moe import MoE, GroupedExperts
 
     switched = {"linear": 0, "experts": 0, "kept": 0}
     for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            module.fp8_experts = True  # pads each expert's rows to 128 for the FP8 weight gradient
         if isinstance(module, GroupedExperts):
             module.fp8 = True
             switched["experts"] += 1

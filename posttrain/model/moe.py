@@ -156,6 +156,9 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts, dtype=torch.float32),
                              persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        # Set with the experts' own flag by enable_fp8_training. Kept here too because the
+        # experts may be wrapped (peft's ParamWrapper for LoRA on expert weights).
+        self.fp8_experts = False
 
     def forward(self, x_BTD: torch.Tensor, segment_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         """segment_ids: packed-sample ids (negative = padding), used by load counts and the
@@ -191,7 +194,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.args.n_routed_experts)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         x_MD = x_ND[:, None].expand(N, K, D).reshape(N * K, D)[order]
-        if self.experts.fp8:
+        if self.fp8_experts:
             # Each expert's rows start on a multiple of 128 (zero rows between), so no FP8
             # scale tile of the weight gradient mixes two experts. No host sync: the padded
             # size is a static bound.
