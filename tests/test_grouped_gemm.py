@@ -49,10 +49,10 @@ BF16_TOL = dict(rtol=2**-7, atol=1e-4)
 def kernels():
     pytest.importorskip("triton")
     if _TRITON_NOT_INTERPRETED:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file on its own")
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
     built = gg._kernels()
     if not built.interpret:
-        pytest.skip("the kernels were already built for the GPU in this process")
+        pytest.fail("the kernels were built for the GPU, not the interpreter, in this process")
     return built
 
 
