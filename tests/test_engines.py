@@ -83,3 +83,15 @@ def test_scripted_teacher_solves_and_sometimes_errs():
     again = teacher.generate([[{"role": "user", "content": problems[5].question}]], SamplingConfig(n=2), seeds=[4])
     first = teacher.generate([[{"role": "user", "content": problems[5].question}]], SamplingConfig(n=2), seeds=[4])
     assert [s.text for s in again[0]] == [s.text for s in first[0]]
+
+
+def test_vllm_cpu_precision_decides_the_mla_backend(tiny_checkpoint, tmp_path):
+    """fp32 engines must avoid vLLM's AMX MLA backend (bf16/fp16 weights only)."""
+    from posttrain.engines.vllm_engine import _half_precision
+
+    assert not _half_precision(tiny_checkpoint, "auto")  # saved in float32
+    assert not _half_precision(tiny_checkpoint, "float32")
+    assert _half_precision(tiny_checkpoint, "bfloat16")
+    assert _half_precision(tiny_checkpoint, torch.float16)
+    (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    assert _half_precision(tmp_path, "auto")
