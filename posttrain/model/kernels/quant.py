@@ -236,7 +236,7 @@ _T_CONFIGS = [
 
 
 def _act_quant_t_kernel(x_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
-                        stride_xm, stride_xk, stride_qk, stride_sk,
+                        stride_xm, stride_xk, stride_qk, stride_sk, stride_sm,
                         BLOCK_K: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """One program: x[128 rows, BLOCK_K cols] -> q_t[BLOCK_K, 128] and s_t[BLOCK_K, 1].
 
@@ -254,12 +254,15 @@ def _act_quant_t_kernel(x_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
     amax = _absmax(x, 0)                                                   # [BLOCK_K]
     q, s = _quant_tile(x, amax[None, :], EMULATE_RNE)
     tl.store(q_ptr + cols[None, :] * stride_qk + rows[:, None], q, mask=mask)
-    tl.store(s_ptr + cols * stride_sk + pid_m, tl.reshape(s, (BLOCK_K,)), mask=cols < K)
+    tl.store(s_ptr + cols * stride_sk + pid_m * stride_sm, tl.reshape(s, (BLOCK_K,)), mask=cols < K)
 
 
 def act_quant_t_triton(x: torch.Tensor, config: tuple[int, int] | None = None):
     """x [M, K] -> (q_t [K, M] contiguous, s_t [K, ceil(M/128)]): the 1x128 quantisation of x.T.
 
+    s_t is a transposed view (strides (1, K)), as the reference returns it: the weight-gradient
+    GEMMs read one scale per output row and column for each 128 tokens, and this layout makes
+    those reads contiguous; it is also the layout cuBLAS wants, so no copy is made there.
     `config` = (BLOCK_K, num_warps) pins one tile shape instead of autotuning (tests).
     """
     if x.dim() != 2:
@@ -267,10 +270,10 @@ def act_quant_t_triton(x: torch.Tensor, config: tuple[int, int] | None = None):
     built = require_triton(x)
     m, k = x.shape
     q = torch.empty(k, m, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(k, cdiv(m, BLOCK), dtype=torch.float32, device=x.device)
+    s = torch.empty(cdiv(m, BLOCK), k, dtype=torch.float32, device=x.device).t()
     if m == 0 or k == 0:
         return q, s
-    args = (x, q, s, m, k, m_bucket(m), x.stride(0), x.stride(1), q.stride(0), s.stride(0))
+    args = (x, q, s, m, k, m_bucket(m), x.stride(0), x.stride(1), q.stride(0), s.stride(0), s.stride(1))
     if config is None and not built.interpret:
         def grid(meta):
             return cdiv(k, meta["BLOCK_K"]), cdiv(m, BLOCK)

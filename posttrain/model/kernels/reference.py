@@ -58,6 +58,9 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def act_quant_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q_t [K, M] e4m3, s_t [K, ceil(M/128)] fp32): the 1x128 quantisation of x.T.
 
+    s_t is the transpose of a contiguous [ceil(M/128), K] tensor (strides (1, K)): the
+    weight-gradient GEMMs then read each 128-token block's scales contiguously.
+
     Written on x's own layout (tiles of 128 rows, amax over dim 0), not as act_quant(x.T), so
     that the test comparing the two checks something.
     """
@@ -72,7 +75,7 @@ def act_quant_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = tiles.abs().amax(dim=1).clamp(min=AMAX_FLOOR) / FP8_MAX  # [nb, K]
     q = (tiles / s[:, None, :]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q_t = q.view(nb * BLOCK, k)[:m].t().contiguous()
-    return q_t, s.t().contiguous()
+    return q_t, s.t()
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""Where the time of one MoE layer's forward + backward goes: a torch.profiler table per variant.
+
+    python benchmarks/profile_moe.py [--variants bf16,fp8] [--tokens 16384] [--rows 25]
+
+The layer is the benchmark shape of bench_fp8_model.py (64 experts top-6, 2 shared, hidden
+2048, width 1408), bf16, random weights and inputs. Prints the top GPU kernels by total time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_fp8_model import hf_config, our_args  # noqa: E402
+
+from posttrain.model.fp8_training import enable_fp8_training  # noqa: E402
+from posttrain.model.moe import MoE  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default="bf16,fp8")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--rows", type=int, default=25)
+    a = p.parse_args()
+    args = our_args(hf_config(False))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, a.tokens, args.hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
+    dy = torch.randn_like(x)
+    for variant in a.variants.split(","):
+        moe = MoE(args).cuda()
+        with torch.no_grad():
+            for prm in moe.parameters():
+                prm.copy_(torch.randn(prm.shape, device="cuda", generator=g) * 0.02)
+        moe = moe.to(torch.bfloat16).train()
+        moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+        if variant == "fp8":
+            enable_fp8_training(moe)
+
+        def step():
+            xi = x.detach().requires_grad_(True)
+            moe(xi).backward(dy)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n### {variant}: 3 forward+backward passes, {a.tokens} tokens")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
