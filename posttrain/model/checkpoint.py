@@ -254,10 +254,15 @@ def _reset_buffers(model: Transformer, args: ModelArgs, device) -> None:
 
 
 # ---------------------------------------------------------------------- save
-def hf_state_dict(model: Transformer, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) in checkpoint layout: experts unstacked, MTP copies added."""
+def hf_state_dict(model: Transformer, args: ModelArgs,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) in checkpoint layout: experts unstacked, MTP copies added.
+
+    state_dict: whole tensors to write instead of the model's own (a sharded model's
+    `parallel.full_state_dict`)."""
     L = args.num_hidden_layers
-    for name, t in model.state_dict().items():
+    sd = model.state_dict() if state_dict is None else state_dict
+    for name, t in sd.items():
         if args.tie_word_embeddings and name == "lm_head.weight":
             continue
         m = _STACKED.match(name)
@@ -266,9 +271,9 @@ def hf_state_dict(model: Transformer, args: ModelArgs) -> Iterator[tuple[str, to
                 yield internal_to_hf(f"{m['prefix']}.{e}.{m['proj']}.weight", L), t[e]
             continue
         yield internal_to_hf(name, L), t
-    head = model.lm_head.weight
+    head = sd["embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"]
     for d in range(args.num_nextn_predict_layers):
-        yield f"model.layers.{L + d}.embed_tokens.weight", model.embed_tokens.weight.detach()
+        yield f"model.layers.{L + d}.embed_tokens.weight", sd["embed_tokens.weight"].detach()
         yield f"model.layers.{L + d}.shared_head.head.weight", head.detach()
 
 
@@ -285,15 +290,18 @@ def save_checkpoint(
     fp8: bool = False,
     max_shard_bytes: int = 5 * 1024**3,
     tokenizer=None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write an HF directory: config.json, safetensors shard(s), index, optional tokenizer.
 
     dtype: storage dtype of non-FP8 tensors (default: the model's); fp8: store the release's
     FP8 set as e4m3 + weight_scale_inv and add `quantization_config`. Atomic: built under a
-    temporary name and renamed into place.
+    temporary name and renamed into place. state_dict: whole tensors to write in place of the
+    model's own (for a sharded model: `parallel.full_state_dict(model)`, gathered on every rank).
     """
     path = Path(path)
-    dtype = dtype or next(model.parameters()).dtype
+    if dtype is None:
+        dtype = next(iter(state_dict.values())).dtype if state_dict else next(model.parameters()).dtype
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -301,7 +309,7 @@ def save_checkpoint(
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for hf_name, t in hf_state_dict(model, args):
+        for hf_name, t in hf_state_dict(model, args, state_dict):
             t = t.detach()
             out: dict[str, torch.Tensor] = {}
             if fp8 and _fp8_eligible(hf_name, t):

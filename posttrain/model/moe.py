@@ -28,6 +28,7 @@ from torch import nn
 from .args import ModelArgs
 from .grouped_mm import grouped_mm
 from .layers import MLP
+from .recompute import recomputing
 
 
 def route(
@@ -90,17 +91,40 @@ class GroupedExperts(nn.Module):
         # All three GEMMs (forward and backward) in blockwise FP8; set by enable_fp8_training.
         # The FP8 weight gradient needs each expert's rows to start on a multiple of 128.
         self.fp8 = False
+        # Factor on the weights' gradients (parallel.parallelize sets 1/ep: under expert
+        # parallelism these gradients already sum every EP peer's tokens; see parallel.py).
+        self.grad_scale = 1.0
 
     def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """x rows sorted by expert; offsets are the cumulative row ends per expert."""
+        if x_MD.shape[0] == 0:
+            # No rows here (possible under expert parallelism): keep the weights and the input in
+            # the graph, so the weights get (zero) gradients and backward reaches the all-to-all
+            # that delivered x; every rank then runs the same collectives in backward.
+            anchor = sum(w.reshape(-1)[:1].sum() for w in (self.gate_proj, self.up_proj, self.down_proj))
+            return x_MD.new_zeros(0, self.down_proj.shape[1]) + 0.0 * (anchor + x_MD.sum())
+        w_gate, w_up, w_down = self.gate_proj, self.up_proj, self.down_proj
+        if self.grad_scale != 1.0:
+            w_gate, w_up, w_down = (_ScaleGrad.apply(w, self.grad_scale) for w in (w_gate, w_up, w_down))
         if self.fp8:
-            from .fp8_training import fp8_grouped_linear
-            gate = fp8_grouped_linear(x_MD, self.gate_proj, offsets_E)
-            up = fp8_grouped_linear(x_MD, self.up_proj, offsets_E)
-            return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, offsets_E)
-        gate = grouped_mm(x_MD, self.gate_proj.transpose(1, 2), offsets_E)
-        up = grouped_mm(x_MD, self.up_proj.transpose(1, 2), offsets_E)
-        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets_E)
+            from .fp8_experts import fp8_swiglu_experts
+            return fp8_swiglu_experts(x_MD, w_gate, w_up, w_down, offsets_E)
+        gate = grouped_mm(x_MD, w_gate.transpose(1, 2), offsets_E)
+        up = grouped_mm(x_MD, w_up.transpose(1, 2), offsets_E)
+        return grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offsets_E)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
 
 
 def sequence_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, seq_N: torch.Tensor,
@@ -159,6 +183,11 @@ class MoE(nn.Module):
         # Set with the experts' own flag by enable_fp8_training. Kept here too because the
         # experts may be wrapped (peft's ParamWrapper for LoRA on expert weights).
         self.fp8_experts = False
+        # Expert parallelism (set by parallel.shard_experts): this rank holds experts
+        # [expert_offset, expert_offset + E/ep_size) and exchanges rows over ep_group.
+        self.ep_group = None
+        self.ep_size = 1
+        self.expert_offset = 0
 
     def forward(self, x_BTD: torch.Tensor, segment_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         """segment_ids: packed-sample ids (negative = padding), used by load counts and the
@@ -168,9 +197,10 @@ class MoE(nn.Module):
         weights_NK, idx_NK, scores_NE = self.gate(x_ND)
         if self.training:
             seq_N = sequence_ids(segment_ids_BT, B, T, x_BTD.device)
-            with torch.no_grad():
-                routed = idx_NK[seq_N >= 0].flatten()
-                self.tokens_per_expert += torch.bincount(routed, minlength=self.args.n_routed_experts)
+            if not recomputing():  # a checkpointed block's second forward must not count again
+                with torch.no_grad():
+                    routed = idx_NK[seq_N >= 0].flatten()
+                    self.tokens_per_expert += torch.bincount(routed, minlength=self.args.n_routed_experts)
             self.balance_loss = None
             if self.args.aux_loss_alpha > 0:
                 self.balance_loss = sequence_balance_loss(scores_NE, idx_NK, seq_N, self.args.n_routed_experts)
@@ -192,23 +222,31 @@ class MoE(nn.Module):
         flat = idx_NK.flatten()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.args.n_routed_experts)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
         x_MD = x_ND[:, None].expand(N, K, D).reshape(N * K, D)[order]
+        if self.ep_group is not None:
+            from .parallel import expert_parallel_experts
+            y_MD = expert_parallel_experts(x_MD, counts, self.run_local_experts, self.ep_group)
+        else:
+            y_MD = self.run_local_experts(x_MD, counts)
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        y_NKD = y_MD[unsort].float().view(N, K, D) * weights_NK[..., None].float()
+        return y_NKD.sum(1).to(x_ND.dtype)
+
+    def run_local_experts(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """The experts held here on rows grouped by expert (counts: rows per local expert)."""
         if self.fp8_experts:
             # Each expert's rows start on a multiple of 128 (zero rows between), so no FP8
             # scale tile of the weight gradient mixes two experts. No host sync: the padded
             # size is a static bound.
             from .kernels import pad_offsets_to
-            layout = pad_offsets_to(counts, 128, num_rows=N * K)
-            x_pad = x_MD.new_zeros(layout.num_rows, D)
+            layout = pad_offsets_to(counts_E, 128, num_rows=x_MD.shape[0])
+            x_pad = x_MD.new_zeros(layout.num_rows, x_MD.shape[1])
             x_pad[layout.dest_rows] = x_MD
             y_MD = self.experts(x_pad, layout.offsets)[layout.dest_rows]
         else:
-            y_MD = self.experts(x_MD, offsets)
-        unsort = torch.empty_like(order)
-        unsort[order] = torch.arange(order.numel(), device=order.device)
-        y_NKD = y_MD[unsort].float().view(N, K, D) * weights_NK[..., None].float()
-        return y_NKD.sum(1).to(x_ND.dtype)
+            y_MD = self.experts(x_MD, torch.cumsum(counts_E, 0).to(torch.int32))
+        return y_MD
 
 
 @torch.no_grad()

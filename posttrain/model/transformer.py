@@ -18,6 +18,7 @@ from .args import ModelArgs
 from .attention import MLA, LatentCache, build_attention_mask
 from .layers import MLP, RMSNorm
 from .moe import MoE
+from .recompute import checkpointed
 from .rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
@@ -34,9 +35,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         use_moe = args.is_moe_layer(layer_idx) if moe is None else moe
         self.mlp = MoE(args) if use_moe else MLP(args.hidden_size, args.intermediate_size)
+        # recompute this block's activations in backward instead of keeping them (parallelize()
+        # or the training config sets it)
+        self.activation_checkpointing = False
 
     def forward(self, x, cos, sin, mask=None, cache: LatentCache | None = None, cache_start: int = 0,
                 segment_ids=None):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            return checkpointed(self._forward, x, cos, sin, mask, None, 0, segment_ids)
+        return self._forward(x, cos, sin, mask, cache, cache_start, segment_ids)
+
+    def _forward(self, x, cos, sin, mask=None, cache: LatentCache | None = None, cache_start: int = 0,
+                 segment_ids=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, segment_ids) if isinstance(self.mlp, MoE) else self.mlp(h))
