@@ -35,10 +35,16 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def rollout_tensors(model, args) -> Iterator[Named]:
-    """(HF name, detached tensor) for every weight the served model holds."""
-    from posttrain.model.checkpoint import hf_state_dict
+    """(HF name, detached tensor) for every weight the served model holds.
 
-    for name, t in hf_state_dict(model, args):
+    A sharded trainer (expert parallel / FSDP2) yields whole tensors gathered one at a time, as
+    the buckets consume them, so no process ever holds the whole model twice; every process
+    must then walk the stream in step (they all sync their engines together)."""
+    from posttrain.model.checkpoint import hf_state_dict
+    from posttrain.model.parallel import GatheredStateDict, is_sharded
+
+    state = GatheredStateDict(model, to_cpu=False) if is_sharded(model) else None
+    for name, t in hf_state_dict(model, args, state):
         m = _LAYER.match(name)
         if m and int(m[1]) >= args.num_hidden_layers:  # MTP: not part of the served model
             continue

@@ -297,11 +297,12 @@ def save_checkpoint(
     dtype: storage dtype of non-FP8 tensors (default: the model's); fp8: store the release's
     FP8 set as e4m3 + weight_scale_inv and add `quantization_config`. Atomic: built under a
     temporary name and renamed into place. state_dict: whole tensors to write in place of the
-    model's own (for a sharded model: `parallel.full_state_dict(model)`, gathered on every rank).
+    model's own (for a sharded model: `parallel.GatheredStateDict(model)`, walked in the same
+    order by every rank, as `hf_state_dict` walks it once).
     """
     path = Path(path)
     if dtype is None:
-        dtype = next(iter(state_dict.values())).dtype if state_dict else next(model.parameters()).dtype
+        dtype = next(model.parameters()).dtype
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -34,6 +34,7 @@ other way round); `parallelize` slices a whole model's experts after loading.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -176,7 +177,8 @@ def parallelize(model: nn.Module, meshes: Meshes, mixed_precision: str = "no",
     layers = getattr(model, "layers", None)
     if layers is None:
         raise ValueError("parallelize expects the core Transformer (with .layers)")
-    for block in layers:
+    # MTP modules are blocks too (with their own routed experts): shard them the same way
+    for block in [*layers, *getattr(model, "mtp", [])]:
         block.activation_checkpointing = activation_checkpointing
         if isinstance(block.mlp, MoE):
             # FSDP averages expert gradients over edp (W/ep ranks); the experts scale theirs
@@ -184,6 +186,11 @@ def parallelize(model: nn.Module, meshes: Meshes, mixed_precision: str = "no",
             # set_gradient_divide_factor needs PREMUL_SUM, which gloo lacks.)
             block.mlp.experts.grad_scale = 1.0 / meshes.ep
             fully_shard(block.mlp.experts, mesh=meshes.edp_mesh, mp_policy=mp)
+        shared_head = getattr(block, "shared_head", None)
+        if shared_head is not None:
+            # an MTP module's head norm is called from outside the module's forward (by the
+            # Transformer's MTP loss): as its own unit it is gathered when it runs
+            fully_shard(shared_head.norm, mesh=meshes.dense, mp_policy=mp)
         fully_shard(block, mesh=meshes.dense, mp_policy=mp)
     fully_shard(model, mesh=meshes.dense, mp_policy=mp)
     # The stages call these entry points rather than forward(); FSDP must gather the root's
@@ -206,30 +213,54 @@ def _is_ep_expert(model: nn.Module, name: str) -> bool:
     return isinstance(moe, MoE) and name.startswith(parent + ".experts.") and moe.ep_size > 1
 
 
-def full_state_dict(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
-    """Whole tensors (parameters, or their gradients with grads=True, plus buffers) on every
-    rank: FSDP shards gathered, EP expert ranges concatenated in expert order. Collective:
-    every rank must call it. Tensors are on CPU."""
-    from torch.distributed.tensor import DTensor
+class GatheredStateDict(Mapping):
+    """A sharded model's state dict as whole tensors, gathered one tensor at a time.
 
-    out: dict[str, torch.Tensor] = {}
-    named = dict(model.named_parameters())
-    items = named.items() if grads else model.state_dict().items()
-    for name, t in items:
-        if grads:
-            t = t.grad
-            if t is None:
-                continue
-        t = t.detach()
+    Iterating (`items()`) or indexing runs collectives (FSDP all-gathers, the EP all-gather of
+    expert ranges), so every rank must walk it in the same order. Only the tensor in hand is
+    materialised: a consumer that streams (`hf_state_dict` -> GRPO's weight-sync buckets, a
+    rollout copy's `copy_`) never holds more than it asks for. grads=True gives the
+    parameters' gradients instead (parameters without one are left out); buffers otherwise
+    come along. Tensors are returned on CPU when `to_cpu` (the default)."""
+
+    def __init__(self, model: nn.Module, grads: bool = False, to_cpu: bool = True):
+        self.model, self.grads, self.to_cpu = model, grads, to_cpu
+        self._params = dict(model.named_parameters())
+        source = self._params if grads else model.state_dict()
+        self._source = {k: v for k, v in source.items() if not grads or v.grad is not None}
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        t = self._source[name]
+        t = (t.grad if self.grads else t).detach()
         if isinstance(t, DTensor):
             t = t.full_tensor()
-        if name in named and _is_ep_expert(model, name):
-            group = model.get_submodule(name.rsplit(".", 2)[0]).ep_group
+        if name in self._params and _is_ep_expert(self.model, name):
+            group = self.model.get_submodule(name.rsplit(".", 2)[0]).ep_group
             parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, t.contiguous(), group=group)
             t = torch.cat(parts, 0)
-        out[name] = t.cpu()
-    return out
+        return t.cpu() if self.to_cpu else t
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `parallelize` has been applied (its weights are then DTensors / EP ranges)."""
+    return getattr(model, "parallel_meshes", None) is not None
+
+
+def full_state_dict(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Whole tensors (parameters, or their gradients with grads=True, plus buffers) on every
+    rank: FSDP shards gathered, EP expert ranges concatenated in expert order. Collective:
+    every rank must call it. Tensors are on CPU; for a large model, stream
+    `GatheredStateDict` instead."""
+    return dict(GatheredStateDict(model, grads=grads).items())
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float | None) -> float:

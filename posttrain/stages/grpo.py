@@ -122,7 +122,7 @@ def grpo_config(data: dict) -> GRPOConfig:
 def completion_logprobs(model, input_ids, attention_mask, with_entropy: bool = False, temperature: float = 1.0):
     """log pi(token t+1 | prefix) for every position [B, T-1] (float32) under the sampling
     temperature, and the entropy."""
-    logits = model.forward(input_ids, attention_mask=attention_mask)[:, :-1].float()
+    logits = model(input_ids, attention_mask=attention_mask)[:, :-1].float()  # __call__: FSDP hooks run
     if temperature != 1.0:
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
@@ -169,7 +169,16 @@ class GRPORun:
             train_prompts = loaded[0] if train_prompts is None else train_prompts
             eval_prompts = loaded[1] if eval_prompts is None else eval_prompts
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
+        # A sharded policy cannot generate on its own (every forward is collective, and rollouts
+        # differ in length per process): the torch engine samples from a whole copy, refreshed
+        # from the gathered weights like a vLLM engine.
+        sharded = cfg.train.fsdp or cfg.train.expert_parallel > 1
+        self.rollout_copy = copy.deepcopy(model).eval() if sharded and cfg.engine == "torch" else None
         self.trainer = Trainer(model, cfg.train, self._loss, lambda rows: rows[0], run_config=asdict(cfg))
+        device = self.trainer.accelerator.device
+        for whole in (self.rollout_copy, self.ref):  # the trainer moved the policy there
+            if whole is not None:
+                whole.requires_grad_(False).to(device)
         self.model = model
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         from posttrain.engines.torch_engine import TorchEngine
@@ -190,14 +199,26 @@ class GRPORun:
                                            kv_cache_gb=v.kv_cache_gb, enforce_eager=v.enforce_eager, python=v.python,
                                            log_path=Path(cfg.output_dir) / "vllm-server.log")
         else:
-            self.engine = TorchEngine(model, self.tokenizer, batch_size=64, model_name=str(cfg.model.path))
+            self.engine = TorchEngine(self.rollout_copy if self.rollout_copy is not None else model, self.tokenizer,
+                                      batch_size=64, model_name=str(cfg.model.path))
         self.engine_step = None    # the trainer step whose weights the engine holds (None: unknown)
         self.engine_awake = True
         self.sync_s = 0.0          # weight-sync seconds since the last metrics row
 
     # ------------------------------------------------------------- engine
     def _engine_ready(self) -> None:
-        """vLLM: wake the weights, load the trainer's current ones if they changed, then the KV cache."""
+        """vLLM: wake the weights, load the trainer's current ones if they changed, then the KV cache.
+        A sharded run's torch engine: refresh its whole copy."""
+        if self.rollout_copy is not None and self.engine_step != self.trainer.step:
+            from posttrain.model.parallel import GatheredStateDict
+
+            t0 = time.perf_counter()
+            target = self.rollout_copy.state_dict()
+            with torch.no_grad():
+                for name, t in GatheredStateDict(self.model, to_cpu=False).items():
+                    target[name].copy_(t)
+            self.sync_s += time.perf_counter() - t0
+            self.engine_step = self.trainer.step
         if self.engine.name not in VLLM_ENGINES:
             return
         if not self.engine_awake:
@@ -302,9 +323,10 @@ class GRPORun:
         """In eval mode: these forwards must not count toward the MoE loads of the next update."""
         was_training = model.training
         model.eval()
+        device = self.trainer.accelerator.device
         try:
-            return completion_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                       temperature=self.cfg.grpo.temperature)[0]
+            return completion_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                       temperature=self.cfg.grpo.temperature)[0].cpu()
         finally:
             model.train(was_training)
 
@@ -406,12 +428,21 @@ class GRPORun:
             row["accuracy"] = sum(x == 1.0 for x in merged["per_reward"]["math"]) / len(merged["per_reward"]["math"])
         return row
 
-    def _micro_batches(self, kept_rows, adv, row) -> list[dict]:
+    def _micro_batches(self, kept_rows, adv, row, n_micro: int) -> list[dict]:
+        """This process's micro-batches, padded with contribution-free ones to `n_micro` (the
+        most any process has): every process then runs the same number of forwards and
+        backwards, which DDP's and FSDP's collectives and the expert all-to-all require."""
         g = self.cfg.grpo
         micro = []
         for s in range(0, len(kept_rows), g.micro_batch_size):
             b = self._collate(kept_rows[s:s + g.micro_batch_size], adv[s:s + g.micro_batch_size])
+            micro.append(b)
+        micro += [self._dummy_batch() for _ in range(n_micro - len(micro))]
+        for b in micro:
             b["old_logp"] = self._logprobs(self.model, b)
+            if b.get("dummy"):
+                b["old_logp"].zero_()
+                continue
             if "rollout_logp" in b:  # how far the engine's numerics are from the trainer's
                 m = b["completion_mask"].bool()
                 gap = (b["old_logp"] - b["rollout_logp"]).abs()[m]
@@ -419,20 +450,19 @@ class GRPORun:
                                                  float(gap.max()) if gap.numel() else 0.0)
             if self.ref is not None:
                 b["ref_logp"] = self._logprobs(self.ref, b)
-            micro.append(b)
         return micro
 
     def _train_on(self, kept_rows, adv, row) -> None:
         g, trainer = self.cfg.grpo, self.trainer
-        micro = self._micro_batches(kept_rows, adv, row)
-        local_tokens = float(sum(b["completion_mask"].sum() for b in micro))
-        sequences, tokens = self._all_sum([float(len(kept_rows)), local_tokens])
-        n_max = max(self._all_gather(len(micro)))
+        n_local = -(-len(kept_rows) // g.micro_batch_size)
+        sequences = self._all_sum([float(len(kept_rows))])[0]
         row["sequences"] = int(sequences)
         if sequences == 0:  # every group on every rank was uninformative: the steps still count
             trainer.step += g.updates_per_batch
             return
-        micro += [self._dummy_batch() for _ in range(n_max - len(micro))]
+        micro = self._micro_batches(kept_rows, adv, row, max(self._all_gather(n_local)))
+        local_tokens = float(sum(b["completion_mask"].sum() for b in micro))
+        tokens = self._all_sum([local_tokens])[0]
         for b in micro:
             b.update(global_sequences=int(sequences), global_tokens=int(tokens), n_micro=len(micro))
         for _ in range(g.updates_per_batch):
@@ -494,8 +524,8 @@ class GRPORun:
         summary = {"accuracy_before": before["accuracy"] if before else None, "accuracy_after": after["accuracy"],
                    "wall_s": time.perf_counter() - t0, "engine": self.engine.name, "iterations": cfg.iterations,
                    "processes": self.world, "eval_prompts": len(self.eval_prompts), "final": str(out / "final")}
+        trainer.export(out / "final", self.args, tokenizer=self.tokenizer)
         if main:
-            save_checkpoint(self.model, self.args, out / "final", tokenizer=self.tokenizer)
             atomic_write_json(out / "summary.json", summary)
             _plot_rewards(out / "reward_curve.png", _read_metrics(out))
         trainer.accelerator.wait_for_everyone()

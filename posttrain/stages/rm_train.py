@@ -143,17 +143,23 @@ def run_rm_train(cfg: RMConfig) -> dict:
     result = trainer.fit(train_tok)
     final_dir = out / "final"
     final = trainer.model
-    if trainer.accelerator.is_main_process:
-        if cfg.lora.enabled:
+    if cfg.lora.enabled:
+        if trainer.is_main:
             final.save_pretrained(str(out / "adapter"))
             final = final.merge_and_unload()
-        save_checkpoint(final, args, final_dir, tokenizer=tokenizer)
+            save_checkpoint(final, args, final_dir, tokenizer=tokenizer)
+    else:  # every process takes part: a sharded model is gathered as it is written
+        trainer.export(final_dir, args, tokenizer=tokenizer)
+    if trainer.is_main:
         atomic_write_json(final_dir / META_FILE, {"max_length": cfg.data.max_length, "kind": "bradley_terry",
                                                    "pairs_train": len(train_tok)})
     report = None
-    if eval_pairs and trainer.accelerator.is_main_process:
+    if eval_pairs and trainer.is_main:
         from posttrain.stages.rm_eval import evaluate
 
+        if trainer.sharded:  # the trained weights are spread over the processes: evaluate the export
+            from posttrain.model import load_checkpoint
+            final = load_checkpoint(final_dir, dtype=getattr(torch, cfg.model.dtype))[0]
         final.eval()
         report = evaluate(final, tokenizer, eval_pairs, out / "eval", max_length=cfg.data.max_length,
                           overlong=cfg.data.overlong, batch_size=cfg.eval_batch_size)

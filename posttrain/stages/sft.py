@@ -129,9 +129,10 @@ def run_sft(cfg: SFTConfig) -> dict:
                       run_config=asdict(cfg))
     result = trainer.fit(prepared.dataset)
     final = trainer.model
-    if trainer.accelerator.is_main_process:
-        if cfg.lora.enabled:
+    if cfg.lora.enabled:
+        if trainer.is_main:
             final.save_pretrained(str(out / "adapter"))
-            final = final.merge_and_unload()
-        save_checkpoint(final, args, out / "final", tokenizer=tokenizer)
+            save_checkpoint(final.merge_and_unload(), args, out / "final", tokenizer=tokenizer)
+    else:  # every process takes part: a sharded model is gathered as it is written
+        trainer.export(out / "final", args, tokenizer=tokenizer)
     return {**result, "data": prepared.stats, "final": str(out / "final")}

@@ -23,6 +23,12 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"            # "no" | "bf16" | "fp16" (accelerate)
     fp8: bool = False                      # projections + routed experts: all GEMMs in blockwise FP8
+    # Parallel layout (see posttrain/model/parallel.py). Default: DDP through accelerate, every
+    # process holds the whole model. expert_parallel > 1 (or fsdp) switches to FSDP2 sharding of
+    # every weight, with routed experts split over groups of `expert_parallel` ranks.
+    expert_parallel: int = 1
+    fsdp: bool = False
+    activation_checkpointing: bool = False  # recompute each block in backward (any layout)
     mtp_weight: float = 0.3                # lambda for the MTP losses
     bias_update_gamma: float = 0.0         # aux-loss-free balancing speed; 0 = frozen bias
     save_every: int = 0                    # optimizer steps between checkpoints; 0 = only at the end

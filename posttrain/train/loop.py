@@ -70,6 +70,9 @@ class _Caller:
     def __init__(self, prepared: torch.nn.Module, model: torch.nn.Module):
         self._prepared, self._model = prepared, model
 
+    def __call__(self, *args, **kwargs):
+        return self._prepared("forward", *args, **kwargs)
+
     def __getattr__(self, name: str):
         attr = getattr(self._model, name)
         if name in self.DIRECT:
@@ -172,20 +175,78 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         from accelerate.utils import DistributedDataParallelKwargs
 
-        # a routed expert may see no token in a micro-batch: its parameters get no gradient there
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+        self.sharded = cfg.fsdp or cfg.expert_parallel > 1
+        # a routed expert may see no token in a micro-batch: its parameters get no gradient there.
+        # Sharded runs take their precision from FSDP's policy, not from autocast.
+        self.accelerator = Accelerator(mixed_precision="no" if self.sharded else cfg.mixed_precision,
+                                       cpu=not torch.cuda.is_available(),
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         torch.manual_seed(cfg.seed)
         self.model = model       # the model being trained (a peft model with LoRA)
         if cfg.fp8:  # before the optimizer: the switch is in place, parameters are unchanged
             from posttrain.model.fp8_training import enable_fp8_training
             enable_fp8_training(model)
-        self.optimizer = build_optimizer(model, cfg)
-        self.prepared, self.optimizer = self.accelerator.prepare(_Dispatch(model), self.optimizer)
-        self.caller = _Caller(self.prepared, model)
+        if cfg.activation_checkpointing:
+            for block in getattr(model, "layers", []):
+                block.activation_checkpointing = True
+        if self.sharded:
+            self._shard(model)
+            self.optimizer = build_optimizer(model, cfg)
+            self.prepared = model
+            self.caller = model  # FSDP gathers around compute / score_* itself; no wrapper
+        else:
+            self.optimizer = build_optimizer(model, cfg)
+            self.prepared, self.optimizer = self.accelerator.prepare(_Dispatch(model), self.optimizer)
+            self.caller = _Caller(self.prepared, model)
         self.step = 0            # optimizer steps taken (including skipped ones)
         self.micro = 0           # micro-batches consumed
         self.skipped = 0
+
+    def _shard(self, model: torch.nn.Module) -> None:
+        """Expert parallelism + FSDP2 (posttrain.model.parallel) on the whole model, in place."""
+        import torch.distributed as dist
+
+        from posttrain.model.parallel import build_meshes, parallelize
+        from posttrain.model.transformer import Transformer
+
+        if not isinstance(model, Transformer):
+            raise ValueError("train.expert_parallel / train.fsdp shard the core model itself; they do not "
+                             "combine with LoRA (lora.enabled) yet: train LoRA with the default DDP layout")
+        if not dist.is_initialized():  # one process, no launcher: a group of one
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        model.to(self.accelerator.device)
+        self.layout = {"world": dist.get_world_size(), "expert_parallel": self.cfg.expert_parallel}
+        parallelize(model, build_meshes(self.cfg.expert_parallel), self.cfg.mixed_precision,
+                    self.cfg.activation_checkpointing)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def export(self, path: Path, args, tokenizer=None) -> Path | None:
+        """The trained weights as an HF checkpoint at `path`, whatever the parallel layout.
+        Every process must call it (a sharded model is gathered tensor by tensor); the main
+        process writes. Returns the path on the main process, None elsewhere."""
+        from posttrain.model import save_checkpoint
+
+        if self.sharded:
+            from posttrain.model.parallel import GatheredStateDict
+
+            from posttrain.model.checkpoint import hf_state_dict
+
+            state = GatheredStateDict(self.model)
+            if self.is_main:
+                save_checkpoint(self.model, args, path, tokenizer=tokenizer, state_dict=state)
+            else:  # the writer walks hf_state_dict once; run the same gathers alongside it
+                for _ in hf_state_dict(self.model, args, state):
+                    pass
+            self.accelerator.wait_for_everyone()
+            return Path(path) if self.is_main else None
+        if self.is_main:
+            save_checkpoint(self.model, args, path, tokenizer=tokenizer)
+        self.accelerator.wait_for_everyone()
+        return Path(path) if self.is_main else None
 
     # ------------------------------------------------------------- checkpoints
     @property
@@ -201,19 +262,35 @@ class Trainer:
         return None
 
     def save(self) -> Path:
-        """Write the full training state under a temporary name, then rename; update `latest`."""
-        self.accelerator.wait_for_everyone()
+        """Write the full training state under a temporary name, then rename; update `latest`.
+
+        A sharded run writes one model and one optimizer file per process (its shards and EP
+        range), so it resumes only with the same layout; `export` writes the layout-free HF
+        checkpoint."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
         path = self.ckpt_dir / f"step-{self.step:08d}"
-        if self.accelerator.is_main_process:
-            tmp = self.ckpt_dir / f".step-{self.step:08d}.tmp-{os.getpid()}"
+        # one temporary name for all processes (they may all write into it)
+        tmp = self.ckpt_dir / f".step-{self.step:08d}.tmp"
+        if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if self.sharded:
+            rank = acc.process_index
+            torch.save(_local(self.model.state_dict()), tmp / f"model-rank{rank:05d}.pt")
+            torch.save(_local_optimizer_state(self.optimizer.state_dict()), tmp / f"optimizer-rank{rank:05d}.pt")
+        elif acc.is_main_process:
             torch.save(self.model.state_dict(), tmp / "model.pt")
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "micro": self.micro,
-                                                        "skipped": self.skipped, "config": self.run_config}))
+            state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "config": self.run_config}
+            if self.sharded:
+                state["layout"] = self.layout
+            (tmp / "state.json").write_text(json.dumps(state))
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -222,16 +299,40 @@ class Trainer:
             os.replace(pointer_tmp, self.ckpt_dir / "latest")
             for old in sorted(self.ckpt_dir.glob("step-*"))[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         return path
 
     def load(self, path: Path) -> None:
-        self.model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        state = json.loads((path / "state.json").read_text())
+        if self.sharded:
+            layout = state.get("layout")
+            if layout != self.layout:
+                raise ValueError(
+                    f"{path} was saved with parallel layout {layout or 'DDP (whole model)'}, this run is "
+                    f"{self.layout}: training state resumes only in the same layout. Start a new run from "
+                    "an exported HF checkpoint (model.path) instead, or relaunch with the saved layout.")
+            rank = self.accelerator.process_index
+            _load_local(self.model.state_dict(), torch.load(path / f"model-rank{rank:05d}.pt",
+                                                            map_location="cpu", weights_only=True))
+            saved = torch.load(path / f"optimizer-rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+            self.optimizer.load_state_dict(_distribute_optimizer_state(saved, self.optimizer))
+        else:
+            if state.get("layout"):
+                raise ValueError(f"{path} holds a sharded run's state ({state['layout']}); resume it with "
+                                 "the same train.expert_parallel / train.fsdp and number of processes")
+            self.model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        state = json.loads((path / "state.json").read_text())
         self.step, self.micro, self.skipped = state["step"], state["micro"], state["skipped"]
+
+    def _everywhere(self, flag: bool) -> bool:
+        """True only if `flag` holds on every process (so all of them skip a step together)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.accelerator.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item())
 
     # -------------------------------------------------------------------- fit
     def total_steps(self, plan: BatchPlan) -> int:
@@ -249,25 +350,30 @@ class Trainer:
         finite, tokens = True, 0
         for k, batch in enumerate(micro_batches):
             batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+            last = k == n_micro - 1
             with acc.autocast():
                 loss, metrics = self.loss_fn(self.caller, batch)
-            if not torch.isfinite(loss):
-                finite = False
-            if finite:
-                ctx = acc.no_sync(model) if k < n_micro - 1 else _null()
-                with ctx:
+            finite = finite and bool(torch.isfinite(loss))
+            # backward runs even on a non-finite loss: every process must take part in the same
+            # gradient collectives; the step is then skipped on all of them alike (below)
+            if self.sharded:
+                model.set_requires_gradient_sync(last)
+                (loss / n_micro).backward()
+            else:
+                with acc.no_sync(model) if not last else _null():
                     acc.backward(loss / n_micro)
             for key, v in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(v) / n_micro
             tokens += int(metrics.get("tokens", 0))
-        grad_norm = float("nan")
-        if finite:
-            if cfg.max_grad_norm:
-                grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in model.parameters()
-                                                          if p.grad is not None])))
-            finite = math.isfinite(grad_norm)
+        if self.sharded:
+            from posttrain.model.parallel import clip_grad_norm_
+            grad_norm = clip_grad_norm_(model, cfg.max_grad_norm)
+        elif cfg.max_grad_norm:
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        else:
+            grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+            grad_norm = float(torch.norm(torch.stack(grads))) if grads else 0.0
+        finite = self._everywhere(finite and math.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -330,6 +436,44 @@ class Trainer:
         # throughput of this process over this call (a resumed run counts only its own steps)
         return {"steps": self.step, "steps_run": self.step - steps_start, "skipped_nonfinite": self.skipped,
                 "wall_s": wall, "tokens": tokens_total, "tokens_per_s": tokens_total / wall if wall > 0 else 0.0}
+
+
+def _local(state: dict) -> dict:
+    """A state dict with this process's shards (DTensor -> its local tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in state.items()}
+
+
+def _load_local(target: dict, saved: dict) -> None:
+    """Copy saved local shards into a sharded model's state (same layout)."""
+    from torch.distributed.tensor import DTensor
+
+    missing = set(target) ^ set(saved)
+    if missing:
+        raise ValueError(f"checkpoint and model differ in: {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for k, v in target.items():
+            (v.to_local() if isinstance(v, DTensor) else v).copy_(saved[k])
+
+
+def _local_optimizer_state(state: dict) -> dict:
+    return {**state, "state": {i: _local(s) for i, s in state["state"].items()}}
+
+
+def _distribute_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """Saved local optimizer tensors back into DTensors laid out like their parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = {}
+    for i, st in saved["state"].items():
+        p = params[int(i)]
+        out[i] = {k: (DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                         stride=p.stride())
+                      if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v)
+                  for k, v in st.items()}
+    return {**saved, "state": out}
 
 
 class _null:
