@@ -39,6 +39,11 @@ def quantise_gate_up(w_gate: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Te
     return K.weight_quant(torch.cat([w_gate.detach(), w_up.detach()], 1))
 
 
+def _k_major_t(t: torch.Tensor) -> torch.Tensor:
+    """[E, A, B] -> contiguous [E, B, A]."""
+    return t.transpose(1, 2).contiguous()
+
+
 class _FP8SwiGLUExpertsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MD, w_gate_EID, w_up_EID, w_down_EDI, offsets_E):
@@ -65,8 +70,10 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
         dx = dw_gate = dw_up = dw_down = None
 
         dyq, dys = K.act_quant(dy_MD)
-        dh = K.grouped_fp8(dyq, dys, wd_q.transpose(1, 2), wd_s.transpose(1, 2), offsets_E,
-                           out_dtype=dy_MD.dtype)
+        # The input gradients multiply by W^T. A transposed view of the FP8 weight puts N, not K,
+        # innermost, and the FP8 tensor-core path then runs at about a quarter of its speed
+        # (H100: 146 vs 518 TFLOP/s); one contiguous copy of the 1-byte weight costs ~0.1 ms.
+        dh = K.grouped_fp8(dyq, dys, _k_major_t(wd_q), _k_major_t(wd_s), offsets_E, out_dtype=dy_MD.dtype)
         if ctx.needs_input_grad[3]:
             h = K.reference.swiglu(gate, up)  # float32, as the forward quantised it
             hq_t, hs_t = K.act_quant_t(h)
@@ -77,8 +84,7 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
         del dh
         if ctx.needs_input_grad[0]:
             gq, gs = K.act_quant(dgu)
-            dx = K.grouped_fp8(gq, gs, wgu_q.transpose(1, 2), wgu_s.transpose(1, 2), offsets_E,
-                               out_dtype=dy_MD.dtype)
+            dx = K.grouped_fp8(gq, gs, _k_major_t(wgu_q), _k_major_t(wgu_s), offsets_E, out_dtype=dy_MD.dtype)
         if ctx.xt is not None:
             gq_t, gs_t = K.act_quant_t(dgu)
             xq_t, xs_t = ctx.xt

@@ -105,8 +105,9 @@ class _FP8GroupedFn(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dyq, dys = K.act_quant(dy_MN)
-            dx = K.grouped_fp8(dyq, dys, wq.transpose(1, 2), ws.transpose(1, 2), offsets_E,
-                               out_dtype=dy_MN.dtype)
+            # contiguous W^T: the FP8 kernel is ~3.5x slower on a transposed view (fp8_experts.py)
+            dx = K.grouped_fp8(dyq, dys, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(),
+                               offsets_E, out_dtype=dy_MN.dtype)
         if ctx.needs_input_grad[1]:
             dyq_t, dys_t = K.act_quant_t(dy_MN)
             xq_t, xs_t = ctx.xt
