@@ -19,12 +19,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_fp8_model import hf_config, our_args  # noqa: E402
+from profile_moe import benchmark_layer  # noqa: E402
 from tables import print_tables  # noqa: E402
 
 import posttrain.model.fp8_experts as fp8_experts  # noqa: E402
-from posttrain.model.fp8_training import enable_fp8_training  # noqa: E402
-from posttrain.model.moe import MoE  # noqa: E402
 
 
 def main():
@@ -33,17 +31,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
     a = p.parse_args()
-    args = our_args(hf_config(False))
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(1, a.tokens, args.hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
-    dy = torch.randn_like(x)
-    moe = MoE(args).cuda()
-    with torch.no_grad():
-        for prm in moe.parameters():
-            prm.copy_(torch.randn(prm.shape, device="cuda", generator=g) * 0.02)
-    moe = moe.to(torch.bfloat16).train()
-    moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
-    enable_fp8_training(moe)
+    moe, x, dy = benchmark_layer("fp8", a.tokens)
 
     K = fp8_experts.K
     original = K.grouped_fp8

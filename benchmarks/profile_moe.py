@@ -23,25 +23,32 @@ from posttrain.model.fp8_training import enable_fp8_training  # noqa: E402
 from posttrain.model.moe import MoE  # noqa: E402
 
 
+def benchmark_layer(variant: str, tokens: int):
+    """(layer, input, output gradient): the benchmark MoE layer in bf16 with random weights
+    (FP8 GEMMs when variant == "fp8") and random [1, tokens, hidden] tensors, on the GPU."""
+    args = our_args(hf_config(False))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, tokens, args.hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
+    dy = torch.randn_like(x)
+    moe = MoE(args).cuda()
+    with torch.no_grad():
+        for prm in moe.parameters():
+            prm.copy_(torch.randn(prm.shape, device="cuda", generator=g) * 0.02)
+    moe = moe.to(torch.bfloat16).train()
+    moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    if variant == "fp8":
+        enable_fp8_training(moe)
+    return moe, x, dy
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--variants", default="bf16,fp8")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--rows", type=int, default=25)
     a = p.parse_args()
-    args = our_args(hf_config(False))
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(1, a.tokens, args.hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
-    dy = torch.randn_like(x)
     for variant in a.variants.split(","):
-        moe = MoE(args).cuda()
-        with torch.no_grad():
-            for prm in moe.parameters():
-                prm.copy_(torch.randn(prm.shape, device="cuda", generator=g) * 0.02)
-        moe = moe.to(torch.bfloat16).train()
-        moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
-        if variant == "fp8":
-            enable_fp8_training(moe)
+        moe, x, dy = benchmark_layer(variant, a.tokens)
 
         def step():
             xi = x.detach().requires_grad_(True)
