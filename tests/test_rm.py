@@ -126,7 +126,7 @@ def test_pairs_from_the_distillation_stage_are_verified_vs_wrong(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # about 3 minutes alone on 2 cores; more on a busy machine
+@pytest.mark.timeout(1500)  # about 4 minutes alone on 2 cores; more on a busy machine
 def test_tiny_rm_learns_to_tell_correct_from_wrong_final_answers(tmp_path):
     """CPU, as the report does it: SFT first, then the reward model from the SFT checkpoint.
     A wrong final answer (one the worked steps do not support: a slip, a slip in the tens, the
@@ -157,7 +157,9 @@ def test_tiny_rm_learns_to_tell_correct_from_wrong_final_answers(tmp_path):
     result = run_rm_train(rm_config({
         "model": {"path": str(tmp_path / "sft" / "final")},
         "data": {"train": [{"path": str(data)}], "eval_fraction": 0.2, "max_length": 256},
-        "train": {"max_steps": 800, "batch_size": 16, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 5,
+        # 800 steps sat at the edge: 0.80 or >= 0.9 held-out depending on the CPU's rounding;
+        # 1200 and 1600 reach 0.974 and 0.977 on the same data
+        "train": {"max_steps": 1200, "batch_size": 16, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 5,
                   "weight_decay": 0.0, "report_to": ["jsonl"], "progress": False},
         "output_dir": str(tmp_path / "run")}))
     assert result["eval"]["pairs"] == 1200
