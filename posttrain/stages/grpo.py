@@ -33,7 +33,7 @@ from posttrain.config import build
 from posttrain.engines import SamplingConfig
 from posttrain.engines.base import render_prompt
 from posttrain.io_utils import atomic_write_json
-from posttrain.model import load_checkpoint, save_checkpoint
+from posttrain.model import load_checkpoint
 from posttrain.model.args import ConfigError
 from posttrain.stages.sft import ModelSection, load_tokenizer
 from posttrain.train.config import TrainConfig
@@ -172,8 +172,7 @@ class GRPORun:
         # A sharded policy cannot generate on its own (every forward is collective, and rollouts
         # differ in length per process): the torch engine samples from a whole copy, refreshed
         # from the gathered weights like a vLLM engine.
-        sharded = cfg.train.fsdp or cfg.train.expert_parallel > 1
-        self.rollout_copy = copy.deepcopy(model).eval() if sharded and cfg.engine == "torch" else None
+        self.rollout_copy = copy.deepcopy(model).eval() if cfg.train.sharded and cfg.engine == "torch" else None
         self.trainer = Trainer(model, cfg.train, self._loss, lambda rows: rows[0], run_config=asdict(cfg))
         device = self.trainer.accelerator.device
         for whole in (self.rollout_copy, self.ref):  # the trainer moved the policy there
@@ -439,10 +438,10 @@ class GRPORun:
             micro.append(b)
         micro += [self._dummy_batch() for _ in range(n_micro - len(micro))]
         for b in micro:
-            b["old_logp"] = self._logprobs(self.model, b)
+            logp = self._logprobs(self.model, b)  # dummies too: a sharded forward is collective
             if b.get("dummy"):
-                b["old_logp"].zero_()
                 continue
+            b["old_logp"] = logp
             if "rollout_logp" in b:  # how far the engine's numerics are from the trainer's
                 m = b["completion_mask"].bool()
                 gap = (b["old_logp"] - b["rollout_logp"]).abs()[m]

@@ -36,3 +36,8 @@ class TrainConfig:
     log_every: int = 1
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + "wandb"
     progress: bool = True
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the loop shards the model (FSDP2, with or without expert parallelism)."""
+        return self.fsdp or self.expert_parallel > 1

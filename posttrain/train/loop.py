@@ -175,7 +175,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         from accelerate.utils import DistributedDataParallelKwargs
 
-        self.sharded = cfg.fsdp or cfg.expert_parallel > 1
+        self.sharded = cfg.sharded
         # a routed expert may see no token in a micro-batch: its parameters get no gradient there.
         # Sharded runs take their precision from FSDP's policy, not from autocast.
         self.accelerator = Accelerator(mixed_precision="no" if self.sharded else cfg.mixed_precision,
@@ -190,12 +190,11 @@ class Trainer:
             for block in getattr(model, "layers", []):
                 block.activation_checkpointing = True
         if self.sharded:
-            self._shard(model)
-            self.optimizer = build_optimizer(model, cfg)
-            self.prepared = model
-            self.caller = model  # FSDP gathers around compute / score_* itself; no wrapper
+            self._shard(model)  # before the optimizer: it must hold the sharded parameters
+        self.optimizer = build_optimizer(model, cfg)
+        if self.sharded:  # FSDP gathers around compute / score_* itself; no wrapper
+            self.prepared = self.caller = model
         else:
-            self.optimizer = build_optimizer(model, cfg)
             self.prepared, self.optimizer = self.accelerator.prepare(_Dispatch(model), self.optimizer)
             self.caller = _Caller(self.prepared, model)
         self.step = 0            # optimizer steps taken (including skipped ones)
@@ -229,22 +228,15 @@ class Trainer:
         Every process must call it (a sharded model is gathered tensor by tensor); the main
         process writes. Returns the path on the main process, None elsewhere."""
         from posttrain.model import save_checkpoint
+        from posttrain.model.checkpoint import hf_state_dict
+        from posttrain.model.parallel import GatheredStateDict
 
-        if self.sharded:
-            from posttrain.model.parallel import GatheredStateDict
-
-            from posttrain.model.checkpoint import hf_state_dict
-
-            state = GatheredStateDict(self.model)
-            if self.is_main:
-                save_checkpoint(self.model, args, path, tokenizer=tokenizer, state_dict=state)
-            else:  # the writer walks hf_state_dict once; run the same gathers alongside it
-                for _ in hf_state_dict(self.model, args, state):
-                    pass
-            self.accelerator.wait_for_everyone()
-            return Path(path) if self.is_main else None
+        state = GatheredStateDict(self.model) if self.sharded else None
         if self.is_main:
-            save_checkpoint(self.model, args, path, tokenizer=tokenizer)
+            save_checkpoint(self.model, args, path, tokenizer=tokenizer, state_dict=state)
+        elif state is not None:  # the writer walks hf_state_dict once; run the same gathers alongside it
+            for _ in hf_state_dict(self.model, args, state):
+                pass
         self.accelerator.wait_for_everyone()
         return Path(path) if self.is_main else None
 
