@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .dispatch import combine_tokens, dispatch_tokens, sorted_positions
 from .grouped_mm import grouped_mm
 from .layers import MLP
 from .recompute import recomputing
@@ -210,31 +211,34 @@ class MoE(nn.Module):
         return y
 
     def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        """Permute tokens by expert, run the grouped GEMM, combine weighted (in float32).
+        """Copy each token into its K experts' rows, run the grouped GEMM, combine weighted (in float32).
 
-        Every index op here is a permutation of the N*K (token, slot) rows, and the K copies
-        of a token are summed by a reduction over a fixed axis. Gathering each token K times
-        with a plain index would make its backward a scatter-add with collisions, whose
-        multi-threaded CPU order (and CUDA atomics) change the gradient run to run.
+        The rows of the expert buffer are grouped by expert; each (token, slot) owns one row
+        (`dispatch.py`). With FP8 experts every expert's rows start on a multiple of 128, with
+        zero rows between: the FP8 weight gradient's token tiles must not mix two experts, and
+        dispatching straight into that layout costs nothing extra. No host sync on either path
+        (the padded size is a static bound). Dispatch and combine are permutations plus a sum over
+        a fixed axis, never a scatter-add with collisions, so gradients do not change run to run.
         """
         N, K = idx_NK.shape
-        D = x_ND.shape[1]
-        flat = idx_NK.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.args.n_routed_experts)
-        x_MD = x_ND[:, None].expand(N, K, D).reshape(N * K, D)[order]
+        counts = torch.bincount(idx_NK.flatten(), minlength=self.args.n_routed_experts)
+        rows_NK, _ = sorted_positions(idx_NK)
         if self.ep_group is not None:
             from .parallel import expert_parallel_experts
+            x_MD = dispatch_tokens(x_ND, rows_NK, N * K)
             y_MD = expert_parallel_experts(x_MD, counts, self.run_local_experts, self.ep_group)
+        elif self.fp8_experts:
+            from .kernels import pad_offsets_to
+            layout = pad_offsets_to(counts, 128, num_rows=N * K)
+            rows_NK = layout.dest_rows[rows_NK]
+            y_MD = self.experts(dispatch_tokens(x_ND, rows_NK, layout.num_rows), layout.offsets)
         else:
-            y_MD = self.run_local_experts(x_MD, counts)
-        unsort = torch.empty_like(order)
-        unsort[order] = torch.arange(order.numel(), device=order.device)
-        y_NKD = y_MD[unsort].float().view(N, K, D) * weights_NK[..., None].float()
-        return y_NKD.sum(1).to(x_ND.dtype)
+            y_MD = self.experts(dispatch_tokens(x_ND, rows_NK, N * K), torch.cumsum(counts, 0).to(torch.int32))
+        return combine_tokens(y_MD, rows_NK, weights_NK).to(x_ND.dtype)
 
     def run_local_experts(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """The experts held here on rows grouped by expert (counts: rows per local expert)."""
+        """The experts held here on rows grouped by expert (counts: rows per local expert).
+        Expert parallelism calls this on the rows it received (see `routed` for the padding)."""
         if self.fp8_experts:
             # Each expert's rows start on a multiple of 128 (zero rows between), so no FP8
             # scale tile of the weight gradient mixes two experts. No host sync: the padded

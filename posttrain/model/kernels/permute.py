@@ -1,0 +1,251 @@
+"""Token dispatch to, and weighted combine from, the expert-sorted row buffer of a MoE layer.
+
+Every token n was routed to K experts; slot (n, k) owns row rows[n, k] of a buffer whose rows
+are grouped by expert (any layout: plain sorted, or padded so each expert starts on a multiple
+of 128). No two slots share a row; rows owned by no slot (padding) are zero in what is written.
+
+    dispatch          buf[rows[n, k]] = x[n]
+    dispatch backward dx[n] = sum_k dbuf[rows[n, k]]                       (float32 sum)
+    combine           out[n] = sum_k w[n, k] * y[rows[n, k]]               (float32 sum)
+    combine backward  dy[rows[n, k]] = w[n, k] * dout[n],  dw[n, k] = <dout[n], y[rows[n, k]]>
+
+Each op is one pass of one program per token, reading and writing every row once: torch's
+version (gather the K copies, upcast the [N, K, D] block to float32, multiply, reduce; and the
+same again in backward) moves several times the bytes. Nothing is accumulated with atomics, so
+results are the same run to run, as the reductions over a fixed axis in the torch version are.
+
+`dispatch`, `dispatch_backward`, `combine`, `combine_backward`: Triton on CUDA, the torch
+references elsewhere; the `*_triton` functions also run on CPU under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .quant import HAVE_TRITON
+
+tl = None  # triton.language once `_kernels()` has run
+_KERNELS = None
+_INTERPRET_BLOCK_D = 32  # small under the interpreter so the tests cover several chunks and a tail
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _check(rows_NK: torch.Tensor, n: int | None = None) -> None:
+    if rows_NK.dim() != 2 or (n is not None and rows_NK.shape[0] != n):
+        raise ValueError(f"rows must be [N, K] with N = {n} tokens, got {tuple(rows_NK.shape)}")
+    if rows_NK.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rows must be int32 or int64, got {rows_NK.dtype}")
+
+
+def _covers_all(rows_NK: torch.Tensor, num_rows: int) -> bool:
+    """Whether every buffer row belongs to a slot (rows are distinct, so: as many slots as rows)."""
+    return rows_NK.numel() == num_rows
+
+
+def dispatch_reference(x_ND: torch.Tensor, rows_NK: torch.Tensor, num_rows: int) -> torch.Tensor:
+    _check(rows_NK, x_ND.shape[0])
+    N, K = rows_NK.shape
+    buf = x_ND.new_zeros(num_rows, x_ND.shape[1])
+    buf[rows_NK.reshape(-1)] = x_ND[:, None].expand(N, K, x_ND.shape[1]).reshape(N * K, -1)
+    return buf
+
+
+def dispatch_backward_reference(dbuf_MD: torch.Tensor, rows_NK: torch.Tensor) -> torch.Tensor:
+    _check(rows_NK)
+    return dbuf_MD[rows_NK].float().sum(1).to(dbuf_MD.dtype)
+
+
+def combine_reference(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    _check(rows_NK, w_NK.shape[0])
+    return (y_MD[rows_NK].float() * w_NK[..., None].float()).sum(1).to(y_MD.dtype)
+
+
+def combine_backward_reference(dout_ND: torch.Tensor, y_MD: torch.Tensor, rows_NK: torch.Tensor,
+                               w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy [M, D] in y's dtype, zero on rows no slot owns; dw [N, K] float32)."""
+    _check(rows_NK, dout_ND.shape[0])
+    d = dout_ND.float()
+    dy = y_MD.new_zeros(y_MD.shape)
+    dy[rows_NK.reshape(-1)] = (w_NK[..., None].float() * d[:, None]).reshape(-1, y_MD.shape[1]).to(y_MD.dtype)
+    dw = (y_MD[rows_NK].float() * d[:, None]).sum(-1)
+    return dy, dw
+
+
+# ----------------------------------------------------------------------------- Triton
+
+
+def _dispatch_kernel(x_ptr, rows_ptr, out_ptr, D, stride_x, stride_o,
+                     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, K_PAD)
+    k_ok = ks < K
+    rows = tl.load(rows_ptr + n * K + ks, mask=k_ok, other=0).to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        v = tl.load(x_ptr + n * stride_x + d, mask=d_ok, other=0.0)
+        tile = tl.zeros((K_PAD, BLOCK_D), dtype=v.dtype) + v[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_o + d[None, :], tile, mask=k_ok[:, None] & d_ok[None, :])
+
+
+def _gather_sum_kernel(buf_ptr, rows_ptr, w_ptr, out_ptr, D, stride_b, stride_o,
+                       WEIGHTED: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[n] = sum_k (w[n, k] *) buf[rows[n, k]] in float32: the combine, and the dispatch's backward."""
+    n = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, K_PAD)
+    k_ok = ks < K
+    rows = tl.load(rows_ptr + n * K + ks, mask=k_ok, other=0).to(tl.int64)
+    if WEIGHTED:
+        w = tl.load(w_ptr + n * K + ks, mask=k_ok, other=0.0).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        g = tl.load(buf_ptr + rows[:, None] * stride_b + d[None, :], mask=k_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if WEIGHTED:
+            g = g * w[:, None]
+        tl.store(out_ptr + n * stride_o + d, tl.sum(g, 0).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _combine_backward_kernel(dout_ptr, y_ptr, rows_ptr, w_ptr, dy_ptr, dw_ptr, D,
+                             stride_do, stride_y, stride_dy,
+                             K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, K_PAD)
+    k_ok = ks < K
+    rows = tl.load(rows_ptr + n * K + ks, mask=k_ok, other=0).to(tl.int64)
+    w = tl.load(w_ptr + n * K + ks, mask=k_ok, other=0.0).to(tl.float32)
+    dot = tl.zeros((K_PAD,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        m = k_ok[:, None] & d_ok[None, :]
+        g = tl.load(dout_ptr + n * stride_do + d, mask=d_ok, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows[:, None] * stride_y + d[None, :], mask=m, other=0.0).to(tl.float32)
+        dot += tl.sum(y * g[None, :], 1)
+        tl.store(dy_ptr + rows[:, None] * stride_dy + d[None, :],
+                 (w[:, None] * g[None, :]).to(dy_ptr.dtype.element_ty), mask=m)
+    tl.store(dw_ptr + n * K + ks, dot, mask=k_ok)
+
+
+def _kernels():
+    global _KERNELS, tl
+    if _KERNELS is None:
+        try:
+            import triton
+            import triton.language as triton_language
+        except ImportError as exc:
+            raise RuntimeError("the dispatch/combine kernels need triton; use the *_reference functions") from exc
+        tl = triton_language
+        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        _KERNELS = (interpret, triton.jit(_dispatch_kernel), triton.jit(_gather_sum_kernel),
+                    triton.jit(_combine_backward_kernel))
+    return _KERNELS
+
+
+def _meta(rows_NK: torch.Tensor, D: int, interpret: bool) -> dict:
+    K = rows_NK.shape[1]
+    block_d = _INTERPRET_BLOCK_D if interpret else min(1024, max(64, 1 << (D - 1).bit_length()))
+    # 8 warps move a 1024-wide bf16 row chunk in 16-byte vectors per thread (one K row each).
+    return dict(K=K, K_PAD=max(2, 1 << (K - 1).bit_length()), BLOCK_D=block_d,
+                num_warps=1 if interpret else (8 if block_d >= 1024 else 4))
+
+
+def _rows_c(rows_NK: torch.Tensor) -> torch.Tensor:
+    return rows_NK.contiguous()
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    return HAVE_TRITON and all(t.is_cuda for t in tensors)
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def dispatch_triton(x_ND: torch.Tensor, rows_NK: torch.Tensor, num_rows: int) -> torch.Tensor:
+    _check(rows_NK, x_ND.shape[0])
+    interpret, kernel, _, _ = _kernels()
+    N, D = x_ND.shape
+    x_ND, rows = _row_major(x_ND), _rows_c(rows_NK)
+    alloc = torch.empty if _covers_all(rows_NK, num_rows) else torch.zeros
+    buf = alloc(num_rows, D, dtype=x_ND.dtype, device=x_ND.device)
+    if N and D and rows.shape[1]:
+        kernel[(N,)](x_ND, rows, buf, D, x_ND.stride(0), buf.stride(0), **_meta(rows, D, interpret))
+    return buf
+
+
+def _gather_sum(buf: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor | None) -> torch.Tensor:
+    interpret, _, kernel, _ = _kernels()
+    N = rows_NK.shape[0]
+    D = buf.shape[1]
+    buf, rows = _row_major(buf), _rows_c(rows_NK)
+    out = torch.empty(N, D, dtype=buf.dtype, device=buf.device)
+    if N and D:
+        w = w_NK.contiguous() if w_NK is not None else rows
+        kernel[(N,)](buf, rows, w, out, D, buf.stride(0), out.stride(0), WEIGHTED=w_NK is not None,
+                     **_meta(rows, D, interpret))
+    return out
+
+
+def dispatch_backward_triton(dbuf_MD: torch.Tensor, rows_NK: torch.Tensor) -> torch.Tensor:
+    _check(rows_NK)
+    return _gather_sum(dbuf_MD, rows_NK, None)
+
+
+def combine_triton(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    _check(rows_NK, w_NK.shape[0])
+    return _gather_sum(y_MD, rows_NK, w_NK)
+
+
+def combine_backward_triton(dout_ND: torch.Tensor, y_MD: torch.Tensor, rows_NK: torch.Tensor,
+                            w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(rows_NK, dout_ND.shape[0])
+    interpret, _, _, kernel = _kernels()
+    N, D = dout_ND.shape
+    dout_ND, y_MD, rows = _row_major(dout_ND), _row_major(y_MD), _rows_c(rows_NK)
+    alloc = torch.empty if _covers_all(rows_NK, y_MD.shape[0]) else torch.zeros
+    dy = alloc(y_MD.shape, dtype=y_MD.dtype, device=y_MD.device)
+    dw = torch.empty(rows.shape, dtype=torch.float32, device=y_MD.device)
+    if N and D and rows.shape[1]:
+        kernel[(N,)](dout_ND, y_MD, rows, w_NK.contiguous(), dy, dw, D,
+                     dout_ND.stride(0), y_MD.stride(0), dy.stride(0), **_meta(rows, D, interpret))
+    elif N:
+        dw.zero_()
+    return dy, dw
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def dispatch(x_ND: torch.Tensor, rows_NK: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """buf [num_rows, D]: buf[rows[n, k]] = x[n], zero on rows no slot owns."""
+    if _use_triton(x_ND, rows_NK):
+        return dispatch_triton(x_ND, rows_NK, num_rows)
+    return dispatch_reference(x_ND, rows_NK, num_rows)
+
+
+def dispatch_backward(dbuf_MD: torch.Tensor, rows_NK: torch.Tensor) -> torch.Tensor:
+    """dx [N, D]: sum over k of dbuf[rows[n, k]], accumulated in float32."""
+    if _use_triton(dbuf_MD, rows_NK):
+        return dispatch_backward_triton(dbuf_MD, rows_NK)
+    return dispatch_backward_reference(dbuf_MD, rows_NK)
+
+
+def combine(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """out [N, D] in y's dtype: sum over k of w[n, k] * y[rows[n, k]], accumulated in float32."""
+    if _use_triton(y_MD, rows_NK, w_NK):
+        return combine_triton(y_MD, rows_NK, w_NK)
+    return combine_reference(y_MD, rows_NK, w_NK)
+
+
+def combine_backward(dout_ND: torch.Tensor, y_MD: torch.Tensor, rows_NK: torch.Tensor,
+                     w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy [M, D] in y's dtype, zero on rows no slot owns; dw [N, K] float32)."""
+    if _use_triton(dout_ND, y_MD, rows_NK, w_NK):
+        return combine_backward_triton(dout_ND, y_MD, rows_NK, w_NK)
+    return combine_backward_reference(dout_ND, y_MD, rows_NK, w_NK)
