@@ -377,6 +377,23 @@ def check_swiglu_act_quant_within_one_step():
 
 
 @check
+def check_swiglu_act_quant_t_within_one_step():
+    """The transposed SwiGLU quantisation (gate/up as strided halves of one tensor, as the FP8
+    experts pass them) against act_quant_t of the fp32 product: same rules as the row form."""
+    for i, (m, k, dtype) in enumerate([(37, 200, torch.float32), (300, 130, torch.bfloat16)]):
+        gu = (rand((m, 2 * k), seed=1470 + i) * 3).to(dtype)
+        gate, up = gu[:, :k], gu[:, k:]
+        (q, s), (qr, sr) = K.swiglu_act_quant_t_triton(gate, up), R.act_quant_t(R.swiglu(gate, up))
+        assert q.shape == qr.shape == (k, m) and s.shape == sr.shape
+        assert bool(((s - sr).abs() <= 1e-6 * sr).all())
+        c, cr = codes(q).int(), codes(qr).int()
+        assert bool((((c ^ cr) & 0x80) == 0).all())
+        step = ((c & 0x7F) - (cr & 0x7F)).abs()
+        assert int(step.max()) <= 1 and (step > 0).float().mean().item() <= 1e-3
+        assert torch.equal(codes(K.swiglu_act_quant_t(gate, up)[0]), codes(qr))  # CPU dispatch: the reference
+
+
+@check
 def check_weight_quant_is_the_checkpoint_format_bitwise():
     for i, (n, k) in enumerate([(16, 64), (130, 257), (256, 128), (1, 200)]):
         for dtype in (torch.float32, torch.bfloat16):
@@ -389,6 +406,29 @@ def check_weight_quant_is_the_checkpoint_format_bitwise():
         assert_quant_equal((q3[e], s3[e]), fp8.weight_quant(w3[e]))
     wt = rand((257, 130), seed=1551).t()  # strided
     assert_quant_equal(K.weight_quant_triton(wt), fp8.weight_quant(wt))
+
+
+@check
+def check_weight_quant_t_writes_both_layouts_bitwise():
+    """The experts' quantisation with its transposed copy: q and s equal weight_quant of the
+    concatenation, q_t / s_t equal their transposes, for 128-aligned parts (quantised apart,
+    written into one buffer), a ragged last part, and misaligned parts (joined first)."""
+    cases = [
+        [rand((2, 128, 200), seed=1560, dtype=torch.bfloat16), rand((2, 130, 200), seed=1561, dtype=torch.bfloat16)],
+        [rand((3, 72, 257), seed=1562, wide=True)],
+        [rand((2, 72, 200), seed=1563, dtype=torch.bfloat16), rand((2, 72, 200), seed=1564, dtype=torch.bfloat16)],
+    ]
+    for ws in cases:
+        q, s, q_t, s_t = K.weight_quant_t_triton(ws)
+        want_q, want_s = R.weight_quant(torch.cat(ws, 1))
+        assert_quant_equal((q, s), (want_q, want_s))
+        assert q_t.is_contiguous() and s_t.is_contiguous()
+        assert torch.equal(codes(q_t), codes(want_q.transpose(1, 2).contiguous()))
+        assert torch.equal(s_t, want_s.transpose(1, 2))
+        ref = R.weight_quant_t(ws)
+        for got, exp in zip((q, q_t), (ref[0], ref[2])):
+            assert torch.equal(codes(got), codes(exp))
+        assert torch.equal(s, ref[1]) and torch.equal(s_t, ref[3])
 
 
 @check

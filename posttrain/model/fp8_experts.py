@@ -14,7 +14,7 @@ Backward, every GEMM in FP8 as the report does:
 
 Fusing gate and up halves the quantisations of x and the GEMM launches, and the input
 gradient needs no sum of two GEMM outputs. Saved for backward: gu (bf16, what plain autograd
-keeps too), the FP8 transpose of x and the FP8 weights.
+keeps too), the FP8 transpose of x and the transposed FP8 weights.
 
 Rows must be sorted by expert with every expert's rows starting on a multiple of 128 (the
 FP8 weight gradient's token tiles; `MoE.routed` pads them).
@@ -25,23 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels as K
-from .kernels.reference import BLOCK
 from .kernels.swiglu import swiglu_backward
-
-
-def quantise_gate_up(w_gate: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """128x128 FP8 of [W_gate; W_up] ([E, 2I, D]). With I a multiple of 128 the blocks of the
-    two halves never mix, so each is quantised apart and only the 1-byte results are joined."""
-    if w_gate.shape[1] % BLOCK == 0:
-        gq, gs = K.weight_quant(w_gate.detach())
-        uq, us = K.weight_quant(w_up.detach())
-        return torch.cat([gq, uq], 1), torch.cat([gs, us], 1)
-    return K.weight_quant(torch.cat([w_gate.detach(), w_up.detach()], 1))
-
-
-def _k_major_t(t: torch.Tensor) -> torch.Tensor:
-    """[E, A, B] -> contiguous [E, B, A]."""
-    return t.transpose(1, 2).contiguous()
 
 
 class _FP8SwiGLUExpertsFn(torch.autograd.Function):
@@ -49,50 +33,55 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
     def forward(ctx, x_MD, w_gate_EID, w_up_EID, w_down_EDI, offsets_E):
         inter = w_gate_EID.shape[1]
         xq, xs = K.act_quant(x_MD)
-        wgu_q, wgu_s = quantise_gate_up(w_gate_EID, w_up_EID)
+        # One pass per weight writes its FP8 blocks twice: as is for the forward, and transposed
+        # (K innermost) for the input gradient. On a transposed view the FP8 tensor-core path
+        # runs at about a quarter of its speed (H100: 146 vs 518 TFLOP/s), and a separate
+        # transpose of the 1-byte weights cost more than the quantisation itself.
+        wgu_q, wgu_s, wgu_qt, wgu_st = K.weight_quant_t(w_gate_EID.detach(), w_up_EID.detach())
         gu = K.grouped_fp8(xq, xs, wgu_q, wgu_s, offsets_E, out_dtype=x_MD.dtype)
+        del xq, xs, wgu_q, wgu_s
         hq, hs = K.swiglu_act_quant(gu[:, :inter], gu[:, inter:])
-        wd_q, wd_s = K.weight_quant(w_down_EDI.detach())
+        wd_q, wd_s, wd_qt, wd_st = K.weight_quant_t(w_down_EDI.detach())
         y = K.grouped_fp8(hq, hs, wd_q, wd_s, offsets_E, out_dtype=x_MD.dtype)
         need_gu_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         ctx.xt = K.act_quant_t(x_MD) if need_gu_grad else None
-        ctx.save_for_backward(gu, wgu_q, wgu_s, wd_q, wd_s, offsets_E)
+        ctx.save_for_backward(gu, wgu_qt, wgu_st, wd_qt, wd_st, offsets_E)
         ctx.inter = inter
         ctx.dtypes = (w_gate_EID.dtype, w_up_EID.dtype, w_down_EDI.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy_MD):
-        gu, wgu_q, wgu_s, wd_q, wd_s, offsets_E = ctx.saved_tensors
+        gu, wgu_qt, wgu_st, wd_qt, wd_st, offsets_E = ctx.saved_tensors
         inter = ctx.inter
         gate, up = gu[:, :inter], gu[:, inter:]
         dy_MD = dy_MD.contiguous()
         dx = dw_gate = dw_up = dw_down = None
 
         dyq, dys = K.act_quant(dy_MD)
-        # The input gradients multiply by W^T. A transposed view of the FP8 weight puts N, not K,
-        # innermost, and the FP8 tensor-core path then runs at about a quarter of its speed
-        # (H100: 146 vs 518 TFLOP/s); one contiguous copy of the 1-byte weight costs ~0.1 ms.
-        dh = K.grouped_fp8(dyq, dys, _k_major_t(wd_q), _k_major_t(wd_s), offsets_E, out_dtype=dy_MD.dtype)
+        dh = K.grouped_fp8(dyq, dys, wd_qt, wd_st, offsets_E, out_dtype=dy_MD.dtype)
+        del dyq, dys
+        # Weight gradients come out of the kernel in the weight's own dtype (float32 sums,
+        # rounded once), so no float32 [E, N, K] copy is written and converted afterwards.
         if ctx.needs_input_grad[3]:
-            h = K.reference.swiglu(gate, up)  # float32, as the forward quantised it
-            hq_t, hs_t = K.act_quant_t(h)
-            del h
+            hq_t, hs_t = K.swiglu_act_quant_t(gate, up)  # h recomputed in fp32 as the forward had it
             dyq_t, dys_t = K.act_quant_t(dy_MD)
-            dw_down = K.grouped_fp8_wgrad(dyq_t, dys_t, hq_t, hs_t, offsets_E).to(ctx.dtypes[2])
+            dw_down = K.grouped_fp8_wgrad(dyq_t, dys_t, hq_t, hs_t, offsets_E, out_dtype=ctx.dtypes[2])
         dgu = swiglu_backward(gate, up, dh)
         del dh
         if ctx.needs_input_grad[0]:
             gq, gs = K.act_quant(dgu)
-            dx = K.grouped_fp8(gq, gs, _k_major_t(wgu_q), _k_major_t(wgu_s), offsets_E, out_dtype=dy_MD.dtype)
+            dx = K.grouped_fp8(gq, gs, wgu_qt, wgu_st, offsets_E, out_dtype=dy_MD.dtype)
+            del gq, gs
         if ctx.xt is not None:
-            gq_t, gs_t = K.act_quant_t(dgu)
+            gq_t, gs_t = K.act_quant_t(dgu)  # [2I, M]: rows 0..I-1 are the gate's, the rest up's
             xq_t, xs_t = ctx.xt
-            dw_gu = K.grouped_fp8_wgrad(gq_t, gs_t, xq_t, xs_t, offsets_E)
             if ctx.needs_input_grad[1]:
-                dw_gate = dw_gu[:, :inter].to(ctx.dtypes[0])
+                dw_gate = K.grouped_fp8_wgrad(gq_t[:inter], gs_t[:inter], xq_t, xs_t, offsets_E,
+                                              out_dtype=ctx.dtypes[0])
             if ctx.needs_input_grad[2]:
-                dw_up = dw_gu[:, inter:].to(ctx.dtypes[1])
+                dw_up = K.grouped_fp8_wgrad(gq_t[inter:], gs_t[inter:], xq_t, xs_t, offsets_E,
+                                            out_dtype=ctx.dtypes[1])
         ctx.xt = None
         return dx, dw_gate, dw_up, dw_down, None
 

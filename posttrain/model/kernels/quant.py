@@ -235,10 +235,11 @@ _T_CONFIGS = [
 ]
 
 
-def _act_quant_t_kernel(x_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
-                        stride_xm, stride_xk, stride_qk, stride_sk, stride_sm,
-                        BLOCK_K: tl.constexpr, EMULATE_RNE: tl.constexpr):
+def _act_quant_t_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
+                        stride_xm, stride_xk, stride_gm, stride_gk, stride_qk, stride_sk, stride_sm,
+                        SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """One program: x[128 rows, BLOCK_K cols] -> q_t[BLOCK_K, 128] and s_t[BLOCK_K, 1].
+    With SWIGLU, x is `up` and g is `gate`, and silu(gate) * up is quantised.
 
     x is read along its contiguous K (coalesced); the amax runs down the 128 rows, and the
     transposed store lets the compiler stage the tile through shared memory, so x.T never
@@ -251,10 +252,34 @@ def _act_quant_t_kernel(x_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)
+    if SWIGLU:
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gk, mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        x = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * x
     amax = _absmax(x, 0)                                                   # [BLOCK_K]
     q, s = _quant_tile(x, amax[None, :], EMULATE_RNE)
     tl.store(q_ptr + cols[None, :] * stride_qk + rows[:, None], q, mask=mask)
     tl.store(s_ptr + cols * stride_sk + pid_m * stride_sm, tl.reshape(s, (BLOCK_K,)), mask=cols < K)
+
+
+def _launch_t(built: Built, x: torch.Tensor, g: torch.Tensor | None, config: tuple[int, int] | None):
+    m, k = x.shape
+    q = torch.empty(k, m, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(cdiv(m, BLOCK), k, dtype=torch.float32, device=x.device).t()
+    if m == 0 or k == 0:
+        return q, s
+    gg = g if g is not None else x
+    args = (x, gg, q, s, m, k, m_bucket(m), x.stride(0), x.stride(1), gg.stride(0), gg.stride(1),
+            q.stride(0), s.stride(0), s.stride(1))
+    if config is None and not built.interpret:
+        def grid(meta):
+            return cdiv(k, meta["BLOCK_K"]), cdiv(m, BLOCK)
+        built.act_t_tuned[grid](*args, SWIGLU=g is not None, EMULATE_RNE=False)
+    else:
+        bk, warps = config or (32, 4)
+        built.act_t[(cdiv(k, bk), cdiv(m, BLOCK))](*args, SWIGLU=g is not None, BLOCK_K=bk,
+                                                   EMULATE_RNE=built.interpret, num_warps=warps)
+    return q, s
 
 
 def act_quant_t_triton(x: torch.Tensor, config: tuple[int, int] | None = None):
@@ -267,33 +292,31 @@ def act_quant_t_triton(x: torch.Tensor, config: tuple[int, int] | None = None):
     """
     if x.dim() != 2:
         raise ValueError(f"act_quant_t takes a 2-D tensor, got shape {tuple(x.shape)}")
-    built = require_triton(x)
-    m, k = x.shape
-    q = torch.empty(k, m, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(cdiv(m, BLOCK), k, dtype=torch.float32, device=x.device).t()
-    if m == 0 or k == 0:
-        return q, s
-    args = (x, q, s, m, k, m_bucket(m), x.stride(0), x.stride(1), q.stride(0), s.stride(0), s.stride(1))
-    if config is None and not built.interpret:
-        def grid(meta):
-            return cdiv(k, meta["BLOCK_K"]), cdiv(m, BLOCK)
-        built.act_t_tuned[grid](*args, EMULATE_RNE=False)
-    else:
-        bk, warps = config or (32, 4)
-        built.act_t[(cdiv(k, bk), cdiv(m, BLOCK))](*args, BLOCK_K=bk, EMULATE_RNE=built.interpret,
-                                                   num_warps=warps)
-    return q, s
+    return _launch_t(require_triton(x), x, None, config)
+
+
+def swiglu_act_quant_t_triton(gate: torch.Tensor, up: torch.Tensor, config: tuple[int, int] | None = None):
+    """act_quant_t(silu(gate) * up) fused: the product is formed in fp32 and never stored (the
+    FP8 experts' weight gradient of the down projection recomputes it this way)."""
+    if gate.dim() != 2 or gate.shape != up.shape:
+        raise ValueError(f"gate and up must share one [M, I] shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    return _launch_t(require_triton(gate, up), up, gate, config)
 
 
 # ----------------------------------------------------------------------------- 128x128 weights
 
-def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
+def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K,
                          stride_we, stride_wn, stride_wk, stride_qe, stride_qn,
-                         stride_se, stride_sn, EMULATE_RNE: tl.constexpr):
-    """One program per 128x128 block (grid: row blocks, column blocks, experts)."""
+                         stride_se, stride_sn, stride_sk, stride_qte, stride_qtk,
+                         stride_ste, stride_stk, stride_stn,
+                         TRANSPOSED: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """One program per 128x128 block (grid: row blocks, column blocks, experts). With
+    TRANSPOSED the block is also stored transposed into q_t [E, K, N] (and its scale into
+    s_t [E, K/128, N/128]): the input-gradient GEMMs want W^T with K innermost, and a 128x128
+    block quantises to the same bytes either way round."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    e = tl.program_id(2)
+    e = tl.program_id(2).to(tl.int64)
     rows = pid_n * 128 + tl.arange(0, 128)
     cols = pid_k * 128 + tl.arange(0, 128)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
@@ -302,7 +325,38 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
     amax = _absmax(w, None)
     q, s = _quant_tile(w, amax, EMULATE_RNE)
     tl.store(q_ptr + e * stride_qe + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
-    tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k, s)
+    tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
+    if TRANSPOSED:
+        tl.store(qt_ptr + e * stride_qte + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q),
+                 mask=tl.trans(mask))
+        tl.store(st_ptr + e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
+
+
+def _quant_weight_into(built: Built, w3: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                       q_t: torch.Tensor | None = None, s_t: torch.Tensor | None = None) -> None:
+    """Quantise w3 [E, N, K] into q [E, N, K] / s [E, N/128, K/128] (and q_t [E, K, N] / s_t),
+    which may be views into larger buffers as long as their last dimension is contiguous."""
+    e, n, k = w3.shape
+    if not q.numel():
+        return
+    if q.stride(2) != 1 or (q_t is not None and q_t.stride(2) != 1):
+        raise ValueError("the FP8 outputs of weight_quant need a contiguous last dimension")
+    t = q_t is not None
+    qt, st = (q_t, s_t) if t else (q, s)
+    built.weight[(cdiv(n, BLOCK), cdiv(k, BLOCK), e)](
+        w3, q, s, qt, st, n, k, w3.stride(0), w3.stride(1), w3.stride(2), q.stride(0), q.stride(1),
+        s.stride(0), s.stride(1), s.stride(2), qt.stride(0), qt.stride(1),
+        st.stride(0), st.stride(1), st.stride(2),
+        TRANSPOSED=t, EMULATE_RNE=built.interpret, num_warps=8)
+
+
+def _weight_outputs(e: int, n: int, k: int, device, transposed: bool):
+    q = torch.empty(e, n, k, dtype=FP8_DTYPE, device=device)
+    s = torch.empty(e, cdiv(n, BLOCK), cdiv(k, BLOCK), dtype=torch.float32, device=device)
+    if not transposed:
+        return q, s, None, None
+    return (q, s, torch.empty(e, k, n, dtype=FP8_DTYPE, device=device),
+            torch.empty(e, cdiv(k, BLOCK), cdiv(n, BLOCK), dtype=torch.float32, device=device))
 
 
 def weight_quant_triton(w: torch.Tensor):
@@ -312,14 +366,32 @@ def weight_quant_triton(w: torch.Tensor):
         raise ValueError(f"weight_quant takes [N, K] or [E, N, K], got shape {tuple(w.shape)}")
     built = require_triton(w)
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
-    e, n, k = w3.shape
-    q = torch.empty(e, n, k, dtype=FP8_DTYPE, device=w.device)
-    s = torch.empty(e, cdiv(n, BLOCK), cdiv(k, BLOCK), dtype=torch.float32, device=w.device)
-    if q.numel():
-        built.weight[(cdiv(n, BLOCK), cdiv(k, BLOCK), e)](
-            w3, q, s, n, k, w3.stride(0), w3.stride(1), w3.stride(2), q.stride(0), q.stride(1),
-            s.stride(0), s.stride(1), EMULATE_RNE=built.interpret, num_warps=8)
+    q, s, _, _ = _weight_outputs(*w3.shape, w.device, False)
+    _quant_weight_into(built, w3, q, s)
     return (q, s) if w.dim() == 3 else (q[0], s[0])
+
+
+def weight_quant_t_triton(ws: list[torch.Tensor]):
+    """Stacked experts' weights [E, N_i, K], i = 1.., quantised as their concatenation along N
+    (each N_i but the last a multiple of 128, so no block mixes two of them) together with the
+    transpose: (q [E, N, K], s, q_t [E, K, N], s_t [E, K/128, N/128]), N = sum N_i (if an N_i is not, the
+concatenation is made and quantised as one). q_t equals
+    q.transpose(1, 2).contiguous() bit for bit; neither the concatenation nor the transpose is
+    ever made in high precision or as a separate copy."""
+    if not ws or any(w.dim() != 3 or w.shape[0] != ws[0].shape[0] or w.shape[2] != ws[0].shape[2] for w in ws):
+        raise ValueError(f"expected stacked weights [E, N_i, K] with one E and K, got {[tuple(w.shape) for w in ws]}")
+    built = require_triton(*ws)
+    if any(w.shape[1] % BLOCK for w in ws[:-1]):  # blocks would straddle two weights
+        ws = [torch.cat(ws, 1)]
+    e, k = ws[0].shape[0], ws[0].shape[2]
+    q, s, q_t, s_t = _weight_outputs(e, sum(w.shape[1] for w in ws), k, ws[0].device, True)
+    n0 = 0
+    for w in ws:
+        n1 = n0 + w.shape[1]
+        b0, b1 = n0 // BLOCK, cdiv(n1, BLOCK)
+        _quant_weight_into(built, w, q[:, n0:n1], s[:, b0:b1], q_t[:, :, n0:n1], s_t[:, :, b0:b1])
+        n0 = n1
+    return q, s, q_t, s_t
 
 
 # ----------------------------------------------------------------------------- building
@@ -350,7 +422,7 @@ def build() -> Built:
         key=["K", "M_BUCKET", "SWIGLU"])(act)
     act_t_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in _T_CONFIGS],
-        key=["K", "M_BUCKET"])(act_t)
+        key=["K", "M_BUCKET", "SWIGLU"])(act_t)
     _BUILT = Built(triton, triton_language, interpret, act, act_t, weight, act_tuned, act_t_tuned)
     return _BUILT
 
@@ -376,13 +448,30 @@ def swiglu_act_quant(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor
     return swiglu_act_quant_triton(gate, up) if _use_triton(gate, up) else ref.swiglu_act_quant(gate, up)
 
 
+def swiglu_act_quant_t(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused silu(gate) * up -> 1x128 FP8 of its transpose: Triton on CUDA, else torch."""
+    if _use_triton(gate, up):
+        return swiglu_act_quant_t_triton(gate, up)
+    return ref.act_quant_t(ref.swiglu(gate, up))
+
+
 def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """128x128 weight quantisation ([N, K] or [E, N, K]): Triton on CUDA, else torch."""
     return weight_quant_triton(w) if _use_triton(w) else ref.weight_quant(w)
 
 
+def weight_quant_t(*ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, s, q_t, s_t) of the experts' weights [E, N_i, K] concatenated along N, with the
+    K-major transpose for the input gradient (see `weight_quant_t_triton`): Triton on CUDA,
+    else torch."""
+    if _use_triton(*ws):
+        return weight_quant_t_triton(list(ws))
+    return ref.weight_quant_t(list(ws))
+
+
 __all__ = [
     "HAVE_TRITON", "FP8_MAX", "build", "interpreting", "require_triton", "m_bucket",
     "act_quant_triton", "act_quant_t_triton", "swiglu_act_quant_triton", "weight_quant_triton",
-    "act_quant", "act_quant_t", "swiglu_act_quant", "weight_quant",
+    "act_quant", "act_quant_t", "swiglu_act_quant", "swiglu_act_quant_t", "weight_quant", "weight_quant_t",
+    "swiglu_act_quant_t_triton", "weight_quant_t_triton",
 ]

@@ -108,6 +108,20 @@ def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(qs), torch.stack(ss)
 
 
+def weight_quant_t(ws: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked weights [E, N_i, K] concatenated along N -> (q, s, q_t, s_t): the 128x128
+    quantisation of the concatenation and its transpose ([E, K, N], [E, K/128, N/128])."""
+    if not ws or any(w.dim() != 3 for w in ws):
+        raise ValueError(f"expected stacked weights [E, N_i, K], got {[tuple(w.shape) for w in ws]}")
+    if any(w.shape[1] % BLOCK for w in ws[:-1]):
+        # blocks would straddle two weights: quantise the concatenation itself
+        q, s = weight_quant(torch.cat(ws, 1))
+    else:
+        parts = [weight_quant(w) for w in ws]
+        q, s = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    return q, s, q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
+
+
 def resolve_b_block(b_q: torch.Tensor, b_s: torch.Tensor, b_block: bool | None) -> bool:
     """Whether b's scale is 128x128 blockwise (True) or 1x128 rowwise (False), checking shapes.
 
