@@ -11,6 +11,8 @@ Sections (each prints a table):
   grouped per-expert GEMM, 64 experts with uneven token counts, the forward shape
           (K=2048, N=1408), the input-gradient shape (K=1408, N=2048) and the weight
           gradient: torch._grouped_mm bf16 (anchor), our Triton bf16 and our Triton FP8.
+  permute the MoE layer's token dispatch + weighted combine, forward and backward: torch
+          indexing (anchor) against the Triton kernels of kernels/permute.py.
 Every variant is checked against a float64 reference on the same random inputs before it is
 timed; a failed check is printed and the variant is not timed.
 """
@@ -98,6 +100,8 @@ def quant_section(M, Kd):
         "act_quant_t (128 tokens)": (lambda: quant.act_quant_t(x), lambda: R.act_quant_t(x), 3 * M * Kd + 4 * M * Kd // 128),
         "swiglu + act_quant": (lambda: quant.swiglu_act_quant(x, up), lambda: R.swiglu_act_quant(x, up), 5 * M * Kd + 4 * M * Kd // 128),
         "weight_quant 128x128": (lambda: quant.weight_quant(w), lambda: R.weight_quant(w), 3 * Kd * Kd),
+        "weight_quant_t (q and q^T)": (lambda: quant.weight_quant_t(w[None])[2:], lambda: R.weight_quant_t([w[None]])[2:],
+                                       4 * Kd * Kd),
         "copy (bandwidth anchor)": (lambda: x.clone(), None, 4 * M * Kd),
     }
     for name, (fn, ref_fn, nbytes) in cases.items():
@@ -172,6 +176,8 @@ def grouped_section(tokens, top_k, E, D, I):
         "torch._grouped_mm bf16": lambda: torch._grouped_mm(dy.T, x, offs=poffs),
         "Triton bf16 (ours)": lambda: grouped.grouped_gemm_wgrad(dy, x, poffs),
         "Triton FP8 (ours)": lambda: grouped.grouped_gemm_wgrad_fp8(dyq_t, dys_t, xq_t, xs_t, poffs),
+        "Triton FP8, bf16 out (training)": lambda: grouped.grouped_gemm_wgrad_fp8(dyq_t, dys_t, xq_t, xs_t, poffs,
+                                                                                   out_dtype=torch.bfloat16),
     }
     anchor = None
     for name, fn in variants.items():
@@ -187,11 +193,54 @@ def grouped_section(tokens, top_k, E, D, I):
             vs_anchor=round(tflops / anchor, 3), rel_err=f"{err:.2e}")
 
 
+def permute_section(tokens, top_k, E, D):
+    """The MoE layer's dispatch and combine, forward + backward: the torch indexing they
+    replace (anchor) against the Triton kernels; outputs and gradients checked against the
+    float32 references first."""
+    from posttrain.model.dispatch import combine_tokens, dispatch_tokens, sorted_positions
+    from posttrain.model.kernels import permute as P
+    g = torch.Generator(device="cuda").manual_seed(5)
+    idx = torch.stack([torch.randperm(E, device="cuda", generator=g)[:top_k] for _ in range(64)])
+    idx = idx[torch.randint(0, 64, (tokens,), device="cuda", generator=g)]
+    x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.rand(tokens, top_k, device="cuda", generator=g)
+    dout = torch.randn_like(x)
+    rows, order = sorted_positions(idx)
+    N, Kk = idx.shape
+
+    def torch_path():
+        xi, wi = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        buf = xi[:, None].expand(N, Kk, D).reshape(N * Kk, D)[order]
+        y = buf * 1.0  # stands in for the experts
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device="cuda")
+        out = (y[unsort].float().view(N, Kk, D) * wi[..., None]).sum(1).to(x.dtype)
+        out.backward(dout)
+        return out, xi.grad, wi.grad
+
+    def kernel_path():
+        xi, wi = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        out = combine_tokens(dispatch_tokens(xi, rows, N * Kk) * 1.0, rows, wi)
+        out.backward(dout)
+        return out, xi.grad, wi.grad
+
+    ref_out = P.combine_reference(P.dispatch_reference(x, rows, N * Kk), rows, w)
+    nbytes = 2 * (2 * N * D + 2 * N * Kk * D) * 2  # fwd + bwd, each: x/out rows once, K copies once
+    anchor = None
+    for name, fn in {"torch indexing (before)": torch_path, "Triton dispatch/combine": kernel_path}.items():
+        out, dx, dw = fn()
+        check = f"out {rel_err(out, ref_out.double()):.1e}, dx vs torch {rel_err(dx, torch_path()[1].double()):.1e}"
+        ms = bench_ms(fn)
+        anchor = anchor or ms
+        row("permute", shape=f"{tokens}x{D}, top-{top_k}", variant=name, ms=round(ms, 4),
+            speedup=round(anchor / ms, 2), tb_s=round(nbytes / ms / 1e9, 2), check=check)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     p.add_argument("--json", default=None)
-    p.add_argument("--sections", default="dense,quant,grouped")
+    p.add_argument("--sections", default="dense,quant,grouped,permute")
     a = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     sections = a.sections.split(",")
@@ -202,7 +251,9 @@ def main():
         quant_section(*((1024, 1024) if a.quick else (16384, 7168)))
     if "grouped" in sections:
         grouped_section(*((1024, 6, 8, 256, 128) if a.quick else (16384, 6, 64, 2048, 1408)))
-    print_tables(ROWS, ("dense", "quant", "grouped"))
+    if "permute" in sections:
+        permute_section(*((1024, 6, 8, 256) if a.quick else (16384, 6, 64, 2048)))
+    print_tables(ROWS, ("dense", "quant", "grouped", "permute"))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(ROWS, f, indent=1)
