@@ -90,7 +90,18 @@ def load_model(section: ModelSection, scalar_head: bool = False) -> tuple[Transf
     if section.path:
         return load_checkpoint(section.path, dtype=dtype, scalar_head=scalar_head or None)
     args = ModelArgs.from_json(section.config)
-    return Transformer(args, scalar_head=scalar_head).to(dtype), args
+    # Built directly in the target dtype: a 16B model in float32 first would take 64 GB of host
+    # memory in every process of a multi-GPU launch before the cast halved it. Only parameters
+    # take the dtype: the router bias, the load counts and RoPE's inverse frequencies declare
+    # float32 and keep it (a cast of the whole module had rounded them to bf16, as the
+    # checkpoint loader never did).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Transformer(args, scalar_head=scalar_head)
+    finally:
+        torch.set_default_dtype(previous)
+    return model, args
 
 
 def apply_lora(model: Transformer, lora: LoraSection, modules_to_save: list[str] | None = None):

@@ -413,6 +413,8 @@ class Trainer:
                            "skipped_nonfinite": self.skipped}
                     if loads:
                         row["expert_load_max_over_mean"] = max(loads.values())
+                    if self.accelerator.device.type == "cuda":  # this process's high-water mark so far
+                        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
                     if not finite:
                         row["nonfinite_step"] = True
                     log.log(self.step, row)
