@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tables import print_tables  # noqa: E402
 
 from posttrain.model import ModelArgs, Transformer  # noqa: E402
-from posttrain.model.counting import count_parameters  # noqa: E402
+from posttrain.model.counting import count_parameters, training_flops_per_token  # noqa: E402
 from posttrain.model.fp8_training import enable_fp8_training  # noqa: E402
 from posttrain.model.moe import MoE  # noqa: E402
 
@@ -176,13 +176,6 @@ def synthetic_batches(vocab, B, T, n, seed=0, device="cuda"):
     return out
 
 
-def flops_per_token(args: ModelArgs, T: int) -> float:
-    c = count_parameters(args)
-    attn = args.num_hidden_layers * 6 * (T / 2) * args.num_attention_heads * (
-        args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
-    return 6 * c.active + attn
-
-
 def build_ours(args, fp8: bool, seed=0):
     torch.manual_seed(seed)
     m = Transformer(args)
@@ -204,7 +197,7 @@ def step_section(quick):
     args = our_args(cfg)
     B, T = (2, 512) if quick else (4, 2048)
     ids = synthetic_batches(args.vocab_size, B, T, 1)[0]
-    fpt = flops_per_token(args, T)
+    fpt = training_flops_per_token(args, T)
     results = {}
 
     def timed(name, model, call):

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import print_tables  # noqa: E402
 
 from posttrain.model import ModelArgs  # noqa: E402
-from posttrain.model.counting import count_parameters  # noqa: E402
+from posttrain.model.counting import count_parameters, training_flops_per_token  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -89,13 +89,6 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def flops_per_token(args: ModelArgs, T: int) -> float:
-    """6 x activated matmul parameters + causal attention (half of the T x T scores)."""
-    attn = args.num_hidden_layers * 6 * (T / 2) * args.num_attention_heads * (
-        args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
-    return 6 * count_parameters(args).active + attn
-
-
 def run_sft(a, cfg_path: Path, data: Path, fp8: bool) -> Path:
     name = "sft-fp8" if fp8 else "sft-bf16"
     out = a.out / name
@@ -119,7 +112,7 @@ def run_sft(a, cfg_path: Path, data: Path, fp8: bool) -> Path:
     tps = statistics.median(r["tokens_per_s"] for r in steady)  # this process's tokens: per GPU
     peak = max((r.get("peak_memory_gib", 0.0) for r in rows), default=0.0)
     row("sft", run=name, steps=len(rows), tokens_s_per_gpu=round(tps), tokens_s_total=round(tps * a.nproc),
-        mfu=f"{100 * tps * flops_per_token(args, a.seq) / (a.peak_tflops * 1e12):.1f}%",
+        mfu=f"{100 * tps * training_flops_per_token(args, a.seq) / (a.peak_tflops * 1e12):.1f}%",
         peak_gib_rank0=round(peak, 1), first_loss=round(rows[0]["loss"], 4), last_loss=round(rows[-1]["loss"], 4),
         wall_s=round(wall))
     return out

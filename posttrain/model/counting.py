@@ -80,6 +80,15 @@ def count_parameters(a: ModelArgs) -> ParamCounts:
     return ParamCounts(total, active, mtp, mtp_checkpoint, mtp_active, embedding, lm_head)
 
 
+def training_flops_per_token(a: ModelArgs, seq_len: int) -> float:
+    """Forward + backward FLOPs per token, the figure MFU divides by: 6 x activated matmul
+    parameters, plus causal attention's scores and weighted values (half of seq_len^2 per
+    head, summed over query-key and value head dims)."""
+    attn = a.num_hidden_layers * 6 * (seq_len / 2) * a.num_attention_heads * (
+        a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
+    return 6 * count_parameters(a).active + attn
+
+
 def kv_cache_bytes_per_token(a: ModelArgs, bytes_per_value: int = 2) -> dict[str, int]:
     """Decode-cache bytes per token over all layers: MLA's latent + rope key vs plain MHA."""
     mla = (a.kv_lora_rank + a.qk_rope_head_dim) * a.num_hidden_layers * bytes_per_value
