@@ -525,12 +525,46 @@ def _on_gpu(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+# On Hopper, `grouped_fp8` runs the warp-specialised Gluon kernel of grouped_wgmma.py when the
+# operands allow it; benchmarks set this to False to time the Triton kernel in the same run.
+USE_WGMMA = True
+WGMMA_DISABLED_BECAUSE: str | None = None  # why the Gluon kernel was given up, if it was
+
+
+def _wgmma_applies(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    if not USE_WGMMA or WGMMA_DISABLED_BECAUSE is not None:
+        return False
+    if torch.cuda.get_device_capability(xq.device)[0] != 9:
+        return False
+    K, N = xq.shape[1], wq.shape[1]
+    return xq.is_contiguous() and wq.is_contiguous() and K % 16 == 0 and N % 8 == 0
+
+
 def grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                 offsets: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """`grouped_gemm_fp8` on CUDA, its torch reference elsewhere (what the FP8 experts call)."""
-    if _on_gpu(xq, wq):
-        return grouped_gemm_fp8(xq, xs, wq, ws, offsets, out_dtype)
-    return grouped_gemm_fp8_reference(xq, xs, wq, ws, offsets, out_dtype)
+    """What the FP8 experts call: the grouped FP8 GEMM on CUDA, its torch reference elsewhere.
+
+    offsets must be 128-aligned (every expert's rows start on a multiple of 128, as
+    pad_offsets_to lays them out; unchecked, to keep the hot path free of host syncs). On a
+    Hopper GPU that lets the Gluon kernel of grouped_wgmma.py run (TMA, warp-specialised
+    wgmma); elsewhere, or if that kernel cannot be built with this Triton (a warning says
+    why, once), the Triton kernel above runs.
+    """
+    global WGMMA_DISABLED_BECAUSE
+    if not _on_gpu(xq, wq):
+        return grouped_gemm_fp8_reference(xq, xs, wq, ws, offsets, out_dtype)
+    if _wgmma_applies(xq, wq):
+        from .grouped_wgmma import grouped_gemm_fp8_wgmma
+        try:
+            return grouped_gemm_fp8_wgmma(xq, xs, wq, ws, offsets, out_dtype)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # an older/newer Gluon API: fall back, but say so
+            import warnings
+            WGMMA_DISABLED_BECAUSE = f"{type(exc).__name__}: {exc}"[:500]
+            warnings.warn("the Gluon grouped FP8 kernel is unavailable, using the Triton kernel: "
+                          + WGMMA_DISABLED_BECAUSE, RuntimeWarning, stacklevel=2)
+    return grouped_gemm_fp8(xq, xs, wq, ws, offsets, out_dtype)
 
 
 def grouped_fp8_wgrad(dyq_t: torch.Tensor, dys_t: torch.Tensor, xq_t: torch.Tensor, xs_t: torch.Tensor,
