@@ -35,6 +35,7 @@ from tables import print_tables  # noqa: E402
 from posttrain.model import ModelArgs, Transformer  # noqa: E402
 from posttrain.model.counting import count_parameters, training_flops_per_token  # noqa: E402
 from posttrain.model.fp8_training import enable_fp8_training  # noqa: E402
+from posttrain.model.kernels import grouped  # noqa: E402
 from posttrain.model.moe import MoE  # noqa: E402
 
 PEAK_BF16 = 989e12
@@ -75,6 +76,17 @@ def our_args(cfg) -> ModelArgs:
 def set_experts_impl(cfg, impl):
     cfg._experts_implementation = impl
     return cfg
+
+
+def triton_grouped(fn):
+    """fn with the grouped FP8 GEMMs on the Triton kernel instead of the Gluon one."""
+    def run(*args, **kwargs):
+        grouped.USE_WGMMA = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            grouped.USE_WGMMA = True
+    return run
 
 
 def moe_section(quick):
@@ -143,6 +155,7 @@ def moe_section(quick):
     fp8.gate.e_score_correction_bias.data = fp8.gate.e_score_correction_bias.float()
     enable_fp8_training(fp8)
     variants["ours FP8"] = fwd_bwd(fp8.train())
+    variants["ours FP8, Triton grouped GEMM"] = triton_grouped(fwd_bwd(fp8))
     anchor = None
     for name, fn in variants.items():
         try:
@@ -233,6 +246,9 @@ def step_section(quick):
     for fp8 in (False, True):
         m = build_ours(args, fp8)
         timed(f"ours {'FP8' if fp8 else 'bf16'}", m, lambda m: m.compute(ids, labels=labels, with_mtp=False).loss)
+        if fp8:
+            timed("ours FP8, Triton grouped GEMM", m,
+                  triton_grouped(lambda m: m.compute(ids, labels=labels, with_mtp=False).loss))
         del m
         torch.cuda.empty_cache()
     row("step", note=f"FLOPs/token {fpt:.3e}, activated params {count_parameters(args).active / 1e9:.2f}B, "
@@ -294,6 +310,8 @@ def main():
     if "loss" in s:
         curves = loss_section(a.quick, a.steps)
     print_tables(ROWS, ("moe", "step", "loss"))
+    if grouped.WGMMA_DISABLED_BECAUSE:
+        print("the Gluon grouped FP8 kernel was given up:", grouped.WGMMA_DISABLED_BECAUSE)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": ROWS, "curves": curves}, f)
