@@ -215,6 +215,8 @@ def _build() -> dict:
             _tma_store(c_desc, [row0 + HALF * HM, col0], c_smem)
         tma.store_wait(0)
 
+    # Two entry points rather than one taking HALF: the older warp_specialize hands every worker
+    # partition the same argument tuple, so the half is fixed by which function runs.
     @gluon.jit
     def _ws_mma_lo(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, xs_ptr, ws_ptr, tile_expert_ptr,
                    M, N, K, E, tiles_n, num_tiles, stride_xsm, stride_xsk, stride_wse, stride_wsn,
