@@ -80,15 +80,13 @@ def test_kernels_compile_to_hopper_code(variant):
     c_rows = 128 if variant == "plain" else 64
     sig = {"a_desc": desc("fp8e4nv", [128, 128], fp8), "b_desc": desc("fp8e4nv", [128, 128], fp8),
            "c_desc": desc("bf16", [c_rows, 128], gl.bfloat16), "xs_ptr": "*fp32", "ws_ptr": "*fp32",
-           ("offs_ptr" if variant == "plain" else "tile_expert_ptr"): "*i32",
+           "tile_expert_ptr": "*i32",
            "M": "i32", "N": "i32", "K": "i32", "E": "i32", "tiles_n": "i32"}
     if variant == "ws":
         sig["num_tiles"] = "i32"
     sig.update({k: "i32" for k in ("stride_xsm", "stride_xsk", "stride_wse", "stride_wsn", "stride_wsk")})
     consts = {"STAGES": 4, "num_warps": 8 if variant == "plain" else 4}
-    if variant == "plain":
-        consts["E_PAD"] = 64
-    else:
+    if variant == "ws":
         consts["PAIRS_API"] = kernels["pairs_api"]
     sig.update({k: "constexpr" for k in consts})
     compiled = triton.compile(GluonASTSource(kernels[variant], sig, consts), target=GPUTarget("cuda", 90, 32),

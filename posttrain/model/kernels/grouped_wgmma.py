@@ -58,34 +58,25 @@ def _build() -> dict:
     pairs_api = "functions_and_args" in ws_params
 
     @gluon.jit
-    def _tile(offs_ptr, E, K, N, tiles_n, BM: gl.constexpr, BK: gl.constexpr, BN: gl.constexpr,
-              E_PAD: gl.constexpr):
-        """(first row, first column, expert, K blocks to run) of this program's output tile.
-
-        Tiles run N-fastest, so the CTAs resident at once share one expert's weights and a few
-        row tiles in L2. The expert is the number of expert row ends at or before the tile's
-        first row; tiles past offsets[-1] get no K blocks and are written as zeros.
-        """
-        pid = gl.program_id(0)
-        row0 = (pid // tiles_n) * BM
-        col0 = (pid % tiles_n) * BN
-        blk: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        e = gl.arange(0, E_PAD, layout=blk)
-        ends = gl.load(offs_ptr + e, mask=e < E, other=2147483647)
-        ex = gl.sum((ends <= row0).to(gl.int32), axis=0)
+    def _tile_of(t, tile_expert_ptr, E, K, tiles_n, BM: gl.constexpr, BK: gl.constexpr, BN: gl.constexpr):
+        """(first row, first column, expert, K blocks) of output tile t (N-fastest order).
+        tile_expert holds each 128-row tile's expert (E past the last expert: zeros)."""
+        row0 = (t // tiles_n) * BM
+        col0 = (t % tiles_n) * BN
+        ex = gl.load(tile_expert_ptr + t // tiles_n)
         n_kb = gl.where(ex < E, gl.cdiv(K, BK), 0)
         return row0, col0, gl.minimum(ex, E - 1), n_kb
 
     @gluon.jit
-    def plain_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, offs_ptr, M, N, K, E, tiles_n,
+    def plain_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, tile_expert_ptr, M, N, K, E, tiles_n,
                      stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk,
-                     E_PAD: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                     STAGES: gl.constexpr, num_warps: gl.constexpr):
         """One partition: TMA ring of STAGES blocks, MMA then promotion each block."""
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
         gl.static_assert(BN == 128, "one weight scale per tile: BN must equal the weight block")
-        row0, col0, we, n_kb = _tile(offs_ptr, E, K, N, tiles_n, BM, BK, BN, E_PAD)
+        row0, col0, we, n_kb = _tile_of(gl.program_id(0), tile_expert_ptr, E, K, tiles_n, BM, BK, BN)
         brow = we * N + col0  # the weight is read as [E * N, K]
 
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -142,16 +133,6 @@ def _build() -> dict:
     # tile's upper and lower 64 rows and wait only for their own MMAs, so one promotes while
     # the other's MMA runs. The shared-memory ring (STAGES blocks, `ready`/`empty` barriers)
     # runs on across tiles with one running block counter on each side.
-
-    @gluon.jit
-    def _tile_of(t, tile_expert_ptr, E, K, tiles_n, BM: gl.constexpr, BK: gl.constexpr, BN: gl.constexpr):
-        """(first row, first column, expert, K blocks) of output tile t (N-fastest order).
-        tile_expert holds each 128-row tile's expert (E past the last expert: zeros)."""
-        row0 = (t // tiles_n) * BM
-        col0 = (t % tiles_n) * BN
-        ex = gl.load(tile_expert_ptr + t // tiles_n)
-        n_kb = gl.where(ex < E, gl.cdiv(K, BK), 0)
-        return row0, col0, gl.minimum(ex, E - 1), n_kb
 
     @gluon.jit
     def _ws_loader(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, xs_ptr, ws_ptr, tile_expert_ptr,
@@ -262,7 +243,7 @@ def _build() -> dict:
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
 
-    for name, fn in dict(_tile=_tile, _tile_of=_tile_of, _ws_loader=_ws_loader, _ws_mma=_ws_mma, _ws_mma_lo=_ws_mma_lo,
+    for name, fn in dict(_tile_of=_tile_of, _ws_loader=_ws_loader, _ws_mma=_ws_mma, _ws_mma_lo=_ws_mma_lo,
                          _ws_mma_hi=_ws_mma_hi).items():
         globals()[name] = fn
     _KERNELS = dict(plain=plain_kernel, ws=ws_kernel, pairs_api=pairs_api)
@@ -343,20 +324,20 @@ def grouped_gemm_fp8_wgmma(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor,
     tiles_n = triton.cdiv(N, BLOCK_N)
     grid = (triton.cdiv(M, BLOCK_M) * tiles_n,)
     kernels = _build()
-    common = (offs, M, N, K, E, tiles_n, xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1), ws.stride(2))
+    tile_expert = tile_experts(offs, M)
+    common = (tile_expert, M, N, K, E, tiles_n, xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1), ws.stride(2))
     c_gl = getattr(gl, _GL_DTYPES[out_dtype])
     if variant == "plain":
         c_desc = TensorDescriptor(out, [M, N], [N, 1], [BLOCK_M, BLOCK_N],
                                   gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], c_gl))
         kernels["plain"][grid](a_desc, b_desc, c_desc, xs, ws, *common,
-                               E_PAD=triton.next_power_of_2(E), STAGES=stages, num_warps=8)
+                               STAGES=stages, num_warps=8)
     elif variant == "ws":
         half = BLOCK_M // 2  # each MMA warpgroup stores its own 64 rows
         c_desc = TensorDescriptor(out, [M, N], [N, 1], [half, BLOCK_N],
                                   gl.NVMMASharedLayout.get_default_for([half, BLOCK_N], c_gl))
         num_tiles = grid[0]
         programs = min(num_tiles, _sm_count(xq.device))
-        tile_expert = tile_experts(offs, M)
         kernels["ws"][(programs,)](a_desc, b_desc, c_desc, xs, ws, tile_expert, M, N, K, E, tiles_n, num_tiles,
                                    xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
                                    STAGES=stages,
