@@ -215,8 +215,8 @@ def _build() -> dict:
                 stride_wsk)
 
     @gluon.jit
-    def ws_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, tile_expert_ptr, M, N, K, E, tiles_n, num_tiles,
-                  stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk,
+    def ws_kernel(a_desc, b_desc, c_desc, xs_ptr, ws_ptr, tile_expert_ptr, M, N, K, E, tiles_n,
+                  stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, num_tiles,
                   STAGES: gl.constexpr, PAIRS_API: gl.constexpr,
                   num_warps: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -338,8 +338,7 @@ def grouped_gemm_fp8_wgmma(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor,
                                   gl.NVMMASharedLayout.get_default_for([half, BLOCK_N], c_gl))
         num_tiles = grid[0]
         programs = min(num_tiles, _sm_count(xq.device))
-        kernels["ws"][(programs,)](a_desc, b_desc, c_desc, xs, ws, tile_expert, M, N, K, E, tiles_n, num_tiles,
-                                   xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
+        kernels["ws"][(programs,)](a_desc, b_desc, c_desc, xs, ws, *common, num_tiles,
                                    STAGES=stages,
                                    PAIRS_API=kernels["pairs_api"], num_warps=4)
     else:
