@@ -8,7 +8,7 @@ import torch
 from helpers import randomize_, small_args
 from posttrain.model import Transformer, update_router_bias
 from posttrain.model.grouped_mm import grouped_mm, grouped_mm_loop
-from posttrain.model.moe import MoE, route, sequence_balance_loss
+from posttrain.model.moe import MoE, expert_counts, route, sequence_balance_loss
 
 
 def _reference_route(scores, bias, n_group, topk_group, top_k, norm, scale):
@@ -112,6 +112,34 @@ def test_sequence_balance_loss_matches_float64_hand_computation():
             p = sum(float(scores[b, t, e] / scores[b, t].sum()) for t in range(T)) / T
             total += f * p
     assert abs(got.item() - total / B) < 1e-5
+
+
+def test_balance_loss_with_a_sequence_bound_and_padding_equals_the_exact_count():
+    """A static bound on the number of sequences (what the model passes, so that no host sync
+    is needed) and padding tokens (seq -1) change nothing: same value and gradient as the
+    loss on the real tokens with the exact count."""
+    g = torch.Generator().manual_seed(6)
+    N, E, K = 40, 8, 3
+    scores = torch.rand(N, E, generator=g, dtype=torch.float64).requires_grad_(True)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    seq = torch.tensor([0] * 12 + [2] * 10 + [-1] * 6 + [3] * 12)  # sequence 1 absent
+    keep = seq >= 0
+    exact = sequence_balance_loss(scores[keep], idx[keep], torch.unique(seq[keep], return_inverse=True)[1], E)
+    (ge,) = torch.autograd.grad(exact, scores)
+    bounded = sequence_balance_loss(scores, idx, seq, E, num_sequences=9)
+    (gb,) = torch.autograd.grad(bounded, scores)
+    assert abs(exact.item() - bounded.item()) < 1e-12 and exact.item() > 0
+    torch.testing.assert_close(gb, ge, rtol=0, atol=1e-12)
+    assert gb[~keep].abs().max() == 0
+
+
+def test_expert_counts_equal_bincount():
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, 11, (50, 4), generator=g)
+    w = torch.rand(50, generator=g) > 0.3
+    assert torch.equal(expert_counts(idx, 13), torch.bincount(idx.flatten(), minlength=13))
+    want = torch.bincount(idx[w].flatten(), minlength=13).float()
+    assert torch.equal(expert_counts(idx, 13, w), want)
 
 
 def test_bias_update_balances_skewed_routing():

@@ -53,6 +53,5 @@ def sorted_positions(idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (stable, so a token's slots keep their order within an expert), and the sort itself."""
     flat = idx_NK.flatten()
     order = torch.argsort(flat, stable=True)
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=order.device)
+    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return pos.view(idx_NK.shape), order

@@ -20,6 +20,8 @@ a grouped GEMM over tokens sorted by expert.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from torch import nn
 from .args import ModelArgs
 from .dispatch import combine_tokens, dispatch_tokens, sorted_positions
 from .grouped_mm import grouped_mm
+from .kernels.swiglu import swiglu
 from .layers import MLP
 from .recompute import recomputing
 
@@ -112,7 +115,7 @@ class GroupedExperts(nn.Module):
             return fp8_swiglu_experts(x_MD, w_gate, w_up, w_down, offsets_E)
         gate = grouped_mm(x_MD, w_gate.transpose(1, 2), offsets_E)
         up = grouped_mm(x_MD, w_up.transpose(1, 2), offsets_E)
-        return grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offsets_E)
+        return grouped_mm(swiglu(gate, up), w_down.transpose(1, 2), offsets_E)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -128,43 +131,73 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.scale, None
 
 
+class RoutingSegments(NamedTuple):
+    """Each token's sequence, for load counting and the balance loss: seq_N [B*T] holds
+    0..num_sequences-1, or -1 for padding. num_sequences may exceed the sequences present
+    (ones with no tokens are left out), so it can be a static bound and need no host sync."""
+
+    seq_N: torch.Tensor
+    num_sequences: int
+
+
 def sequence_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, seq_N: torch.Tensor,
-                          n_experts: int) -> torch.Tensor:
+                          n_experts: int, num_sequences: int | None = None) -> torch.Tensor:
     """sum_e f_e * P_e per sequence, averaged over sequences (the report's eqs. 17-20, without alpha).
 
     seq_N gives each token's sequence (0..S-1; -1 = padding, left out), so packed samples
     are balanced one by one, exactly as if each had been its own row.
     f_e = E / (K T) * (tokens of the sequence routed to e); P_e = mean over the sequence of
     the affinities normalised over all experts.
+
+    num_sequences: S, or any bound above it (sequences without tokens do not count). Given, the
+    loss needs no host sync (no boolean indexing, no .item()): every MoE layer of a training
+    step computes it, and each sync would stall the GPU queue. None reads max(seq_N) + 1.
     """
     N, K = idx_NK.shape
-    keep = seq_N >= 0
-    seq, scores, idx = seq_N[keep], scores_NE[keep], idx_NK[keep]
-    S = int(seq.max()) + 1 if seq.numel() else 0
-    if S == 0:
+    S = int(seq_N.max()) + 1 if num_sequences is None else num_sequences
+    if N == 0 or S <= 0:
         return scores_NE.sum() * 0.0
-    tokens = torch.zeros(S, device=seq.device, dtype=torch.float32).index_add_(0, seq, torch.ones_like(seq, dtype=torch.float32))
-    counts = torch.zeros(S, n_experts, device=seq.device, dtype=torch.float32)
-    counts.index_put_((seq[:, None].expand(-1, K).reshape(-1), idx.reshape(-1)),
-                      torch.ones(idx.numel(), device=seq.device), accumulate=True)
-    f = counts * (n_experts / K) / tokens[:, None]
-    normed = scores / scores.sum(-1, keepdim=True)
-    p = torch.zeros(S, n_experts, device=seq.device, dtype=normed.dtype).index_add_(0, seq, normed) / tokens[:, None]
-    present = tokens > 0
-    return (f * p).sum(-1)[present].mean()
+    keep = (seq_N >= 0).to(torch.float32)
+    seq = seq_N.clamp(min=0)
+    tokens = torch.zeros(S, device=seq.device, dtype=torch.float32).index_add_(0, seq, keep)
+    slots = (seq[:, None] * n_experts + idx_NK).reshape(-1)
+    counts = torch.zeros(S * n_experts, device=seq.device, dtype=torch.float32).index_add_(
+        0, slots, keep[:, None].expand(N, K).reshape(-1)).view(S, n_experts)
+    per_token = tokens.clamp(min=1.0)[:, None]
+    f = counts * (n_experts / K) / per_token
+    normed = torch.where(seq_N[:, None] >= 0, scores_NE / scores_NE.sum(-1, keepdim=True), 0.0)
+    p = torch.zeros(S, n_experts, device=seq.device, dtype=normed.dtype).index_add_(0, seq, normed) / per_token
+    present = (tokens > 0).to(p.dtype)
+    return ((f * p).sum(-1) * present).sum() / present.sum().clamp(min=1.0)
 
 
-def sequence_ids(segment_ids_BT: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
-    """Flat per-token sequence index: one per (row, segment); -1 for padding (segment < 0)."""
+def sequence_ids(segment_ids_BT: torch.Tensor | RoutingSegments | None, B: int, T: int, device) -> RoutingSegments:
+    """Flat per-token sequence index: one per (row, segment); -1 for padding (segment < 0).
+
+    Without segments each row is one sequence (no host sync). With packed segments the ids
+    are made dense with torch.unique (one sync): the model does this once per forward
+    (`Transformer.trunk`) and hands every layer the result."""
+    if isinstance(segment_ids_BT, RoutingSegments):
+        return segment_ids_BT
     if segment_ids_BT is None:
-        return torch.arange(B, device=device).repeat_interleave(T)
+        return RoutingSegments(torch.arange(B, device=device).repeat_interleave(T), B)
     seg = segment_ids_BT.reshape(B, T).long()
     valid = seg >= 0
     key = torch.arange(B, device=device)[:, None] * (int(seg.max().clamp(min=0)) + 1) + seg.clamp(min=0)
-    _, inverse = torch.unique(key[valid], return_inverse=True)
+    uniq, inverse = torch.unique(key[valid], return_inverse=True)
     out = torch.full((B * T,), -1, dtype=torch.long, device=device)
     out[valid.reshape(-1)] = inverse
-    return out
+    return RoutingSegments(out, int(uniq.numel()))
+
+
+def expert_counts(idx_NK: torch.Tensor, n_experts: int, weight_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Slots routed to each expert ([E], int64; float32 with weight_N, each token's slots counted
+    weight_N[n] times). torch.bincount would read max(idx) on the host first (a sync)."""
+    flat = idx_NK.reshape(-1)
+    if weight_N is None:
+        return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    w = weight_N.to(torch.float32)[:, None].expand(idx_NK.shape).reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.float32, device=flat.device).index_add_(0, flat, w)
 
 
 class MoE(nn.Module):
@@ -190,21 +223,23 @@ class MoE(nn.Module):
         self.ep_size = 1
         self.expert_offset = 0
 
-    def forward(self, x_BTD: torch.Tensor, segment_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """segment_ids: packed-sample ids (negative = padding), used by load counts and the
-        balance loss only; routing itself is per token."""
+    def forward(self, x_BTD: torch.Tensor, segment_ids_BT: torch.Tensor | RoutingSegments | None = None) -> torch.Tensor:
+        """segment_ids: packed-sample ids (negative = padding) or their `sequence_ids`, used by
+        load counts and the balance loss only; routing itself is per token. The forward has no
+        host sync (none without packed segments, none when given RoutingSegments), so the CPU
+        can queue the whole layer ahead of the GPU."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights_NK, idx_NK, scores_NE = self.gate(x_ND)
         if self.training:
-            seq_N = sequence_ids(segment_ids_BT, B, T, x_BTD.device)
+            seq = sequence_ids(segment_ids_BT, B, T, x_BTD.device)
             if not recomputing():  # a checkpointed block's second forward must not count again
                 with torch.no_grad():
-                    routed = idx_NK[seq_N >= 0].flatten()
-                    self.tokens_per_expert += torch.bincount(routed, minlength=self.args.n_routed_experts)
+                    self.tokens_per_expert += expert_counts(idx_NK, self.args.n_routed_experts, seq.seq_N >= 0)
             self.balance_loss = None
             if self.args.aux_loss_alpha > 0:
-                self.balance_loss = sequence_balance_loss(scores_NE, idx_NK, seq_N, self.args.n_routed_experts)
+                self.balance_loss = sequence_balance_loss(scores_NE, idx_NK, seq.seq_N, self.args.n_routed_experts,
+                                                          seq.num_sequences)
         y = self.routed(x_ND, weights_NK, idx_NK).view(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BTD)
@@ -221,7 +256,7 @@ class MoE(nn.Module):
         a fixed axis, never a scatter-add with collisions, so gradients do not change run to run.
         """
         N, K = idx_NK.shape
-        counts = torch.bincount(idx_NK.flatten(), minlength=self.args.n_routed_experts)
+        counts = expert_counts(idx_NK, self.args.n_routed_experts)
         rows_NK, _ = sorted_positions(idx_NK)
         if self.ep_group is not None:
             from .parallel import expert_parallel_experts

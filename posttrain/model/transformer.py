@@ -17,7 +17,7 @@ from torch import nn
 from .args import ModelArgs
 from .attention import MLA, LatentCache, build_attention_mask
 from .layers import MLP, RMSNorm
-from .moe import MoE
+from .moe import MoE, RoutingSegments, sequence_ids
 from .recompute import checkpointed
 from .rope import RotaryEmbedding
 
@@ -269,11 +269,15 @@ class Transformer(nn.Module):
 
 
 def _routing_segments(segment_ids, attention_mask):
-    """Segments for MoE load counting and the balance loss: padding becomes -1."""
+    """Sequences for MoE load counting and the balance loss (padding -1), worked out once per
+    forward so that the MoE layers run without host syncs (`moe.sequence_ids`)."""
     if segment_ids is None and attention_mask is None:
         return None
     if segment_ids is None:
-        return torch.where(attention_mask.bool(), 0, -1)
-    if attention_mask is None:
-        return segment_ids
-    return torch.where(attention_mask.bool(), segment_ids, -1)
+        B, T = attention_mask.shape
+        rows = torch.arange(B, device=attention_mask.device)[:, None].expand(B, T)
+        return RoutingSegments(torch.where(attention_mask.bool(), rows, -1).reshape(-1), B)
+    if attention_mask is not None:
+        segment_ids = torch.where(attention_mask.bool(), segment_ids, -1)
+    B, T = segment_ids.shape
+    return sequence_ids(segment_ids, B, T, segment_ids.device)

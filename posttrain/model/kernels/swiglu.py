@@ -1,14 +1,17 @@
-"""SwiGLU backward in one pass: the gradients of gate and up, side by side.
+"""SwiGLU h = silu(g) * u, forward and backward, each one pass over memory.
 
-With h = silu(g) * u and dh its gradient:
+With dh the gradient of h:
     du = dh * silu(g)
     dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-written as one [M, 2I] tensor [dg | du], the layout the fused gate/up expert GEMM reads for
-its input and weight gradients. Done with torch ops this is about ten passes over M x I
-float32 temporaries; the kernel reads g, u, dh once and writes the result once.
+Both are computed in float32 from g, u, dh and rounded once. The backward writes dg and du
+into any two [M, I] outputs: side by side as one [M, 2I] tensor [dg | du] (the layout the
+fused gate/up FP8 expert GEMM reads) or as two tensors (the bf16 path, whose gate and up
+GEMMs take their gradients apart). Done with torch ops, forward and backward are about ten
+passes over M x I temporaries (silu, the product, and autograd's saved silu(g)); the kernels
+read g, u (and dh) once and write once.
 
-`swiglu_backward` dispatches: Triton on CUDA, the torch reference elsewhere (tests run the
-kernel under TRITON_INTERPRET=1 on CPU).
+`swiglu_backward` and `swiglu_forward` dispatch: Triton on CUDA, the torch reference elsewhere
+(tests run the kernels under TRITON_INTERPRET=1 on CPU).
 """
 
 from __future__ import annotations
@@ -18,9 +21,16 @@ import torch
 from .quant import HAVE_TRITON, build, require_triton
 from .reference import cdiv
 
-tl = None  # bound by _kernel(); the kernel body looks it up as a module global
-_KERNEL = None
+tl = None  # bound by _kernels(); the kernel bodies look it up as a module global
+_KERNELS = None
 _BLOCK_M, _BLOCK_I = 16, 128
+
+
+def swiglu_forward_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u in the inputs' dtype, computed in float32."""
+    _check(gate, up, up)
+    g = gate.float()
+    return (g * torch.sigmoid(g) * up.float()).to(up.dtype)
 
 
 def swiglu_backward_reference(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
@@ -40,9 +50,23 @@ def _check(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> None:
                          f"{tuple(up.shape)} and {tuple(dh.shape)}")
 
 
-def _swiglu_bwd_kernel(g_ptr, u_ptr, dh_ptr, out_ptr, M, I,
-                       stride_gm, stride_gi, stride_um, stride_ui, stride_dm, stride_di, stride_om,
+def _swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, M, I, stride_gm, stride_gi, stride_um, stride_ui, stride_hm,
                        BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One program: BLOCK_M rows x BLOCK_I columns of g and u -> the same tile of h."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows[:, None] < M) & (cols[None, :] < I)
+    r = rows.to(tl.int64)[:, None]
+    c = cols[None, :]
+    g = tl.load(g_ptr + r * stride_gm + c * stride_gi, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + r * stride_um + c * stride_ui, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.math.div_rn(1.0, 1.0 + tl.exp(-g))
+    tl.store(h_ptr + r * stride_hm + c, (g * sig * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def _swiglu_bwd_kernel(g_ptr, u_ptr, dh_ptr, dg_ptr, du_ptr, M, I,
+                       stride_gm, stride_gi, stride_um, stride_ui, stride_dm, stride_di,
+                       stride_dgm, stride_dum, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
     """One program: BLOCK_M rows x BLOCK_I columns of g, u, dh -> the same tile of dg and du."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -55,38 +79,87 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, dh_ptr, out_ptr, M, I,
     sig = tl.math.div_rn(1.0, 1.0 + tl.exp(-g))
     dg = d * u * (sig * (1.0 + g * (1.0 - sig)))
     du = d * (g * sig)
-    out = out_ptr + r * stride_om + c
-    tl.store(out, dg.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + I, du.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + r * stride_dgm + c, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + r * stride_dum + c, du.to(du_ptr.dtype.element_ty), mask=mask)
 
 
-def _kernel():
-    """jit the kernel on first use, after quant.build() has imported Triton (see quant.py)."""
-    global _KERNEL, tl
-    if _KERNEL is None:
+def _kernels():
+    """jit the kernels on first use, after quant.build() has imported Triton (see quant.py)."""
+    global _KERNELS, tl
+    if _KERNELS is None:
         built = build()
         tl = built.tl
-        _KERNEL = built.triton.jit(_swiglu_bwd_kernel)
-    return _KERNEL
+        _KERNELS = built.triton.jit(_swiglu_fwd_kernel), built.triton.jit(_swiglu_bwd_kernel)
+    return _KERNELS
 
 
-def swiglu_backward_triton(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    """[dg | du] ([M, 2I], dh's dtype); gate and up may be strided views (e.g. halves of one
-    [M, 2I] GEMM output)."""
+def swiglu_forward_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """h = silu(g) * u ([M, I], up's dtype); gate and up may be strided views."""
+    _check(gate, up, up)
+    require_triton(gate, up)
+    m, i = gate.shape
+    h = torch.empty(m, i, dtype=up.dtype, device=up.device)
+    if m and i:
+        _kernels()[0][(cdiv(m, _BLOCK_M), cdiv(i, _BLOCK_I))](
+            gate, up, h, m, i, gate.stride(0), gate.stride(1), up.stride(0), up.stride(1), h.stride(0),
+            BLOCK_M=_BLOCK_M, BLOCK_I=_BLOCK_I, num_warps=4)
+    return h
+
+
+def swiglu_backward_triton(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor,
+                           split: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """[dg | du] ([M, 2I], dh's dtype), or with split=True two contiguous [M, I] tensors
+    (dg, du); gate and up may be strided views (e.g. halves of one [M, 2I] GEMM output)."""
     _check(gate, up, dh)
     require_triton(gate, up, dh)
     m, i = gate.shape
-    out = torch.empty(m, 2 * i, dtype=dh.dtype, device=dh.device)
-    if m == 0 or i == 0:
-        return out
-    _kernel()[(cdiv(m, _BLOCK_M), cdiv(i, _BLOCK_I))](
-        gate, up, dh, out, m, i, gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
-        dh.stride(0), dh.stride(1), out.stride(0), BLOCK_M=_BLOCK_M, BLOCK_I=_BLOCK_I, num_warps=4)
-    return out
+    if split:
+        dg, du = torch.empty(m, i, dtype=dh.dtype, device=dh.device), torch.empty(m, i, dtype=dh.dtype, device=dh.device)
+    else:
+        out = torch.empty(m, 2 * i, dtype=dh.dtype, device=dh.device)
+        dg, du = out[:, :i], out[:, i:]
+    if m and i:
+        _kernels()[1][(cdiv(m, _BLOCK_M), cdiv(i, _BLOCK_I))](
+            gate, up, dh, dg, du, m, i, gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
+            dh.stride(0), dh.stride(1), dg.stride(0), du.stride(0), BLOCK_M=_BLOCK_M, BLOCK_I=_BLOCK_I,
+            num_warps=4)
+    return (dg, du) if split else out
+
+
+def _on_triton(*tensors: torch.Tensor) -> bool:
+    return HAVE_TRITON and all(t.is_cuda for t in tensors)
 
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    """Triton on CUDA, the torch reference elsewhere."""
-    if HAVE_TRITON and gate.is_cuda and up.is_cuda and dh.is_cuda:
+    """[dg | du]: Triton on CUDA, the torch reference elsewhere."""
+    if _on_triton(gate, up, dh):
         return swiglu_backward_triton(gate, up, dh)
     return swiglu_backward_reference(gate, up, dh)
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(g) * u with the Triton kernels; saves g and u only (autograd's composition also
+    keeps silu(g))."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return swiglu_forward_triton(gate, up)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        return swiglu_backward_triton(gate, up, dh.contiguous(), split=True)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for training and inference, any leading dims: one fused Triton pass
+    each way on CUDA; on CPU the plain torch composition (what the tests compare against)."""
+    if not _on_triton(gate, up):
+        return torch.nn.functional.silu(gate) * up
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must share shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
+                         f"and {tuple(up.shape)} {up.dtype}")
+    lead = gate.shape[:-1]
+    h = _SwiGLUFn.apply(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))
+    return h.view(*lead, h.shape[-1])
