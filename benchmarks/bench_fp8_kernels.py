@@ -102,18 +102,33 @@ def quant_section(M, Kd):
         "weight_quant 128x128": (lambda: quant.weight_quant(w), lambda: R.weight_quant(w), 3 * Kd * Kd),
         "weight_quant_t (q and q^T)": (lambda: quant.weight_quant_t(w[None])[2:], lambda: R.weight_quant_t([w[None]])[2:],
                                        4 * Kd * Kd),
+        "act_quant + act_quant_t (two reads)": (lambda: (*quant.act_quant(x), *quant.act_quant_t(x)),
+                                                lambda: (*R.act_quant(x), *R.act_quant_t(x)), 4 * M * Kd + 8 * M * Kd // 128),
+        "act_quant_dual (one read)": (lambda: K.act_quant_dual(x), lambda: (*R.act_quant(x), *R.act_quant_t(x)),
+                                      4 * M * Kd + 8 * M * Kd // 128),
         "copy (bandwidth anchor)": (lambda: x.clone(), None, 4 * M * Kd),
     }
     for name, (fn, ref_fn, nbytes) in cases.items():
         ok = "-"
         if ref_fn is not None:
-            (q, s), (rq, rs) = fn(), ref_fn()
-            mism = float((q.float() != rq.float()).float().mean())
-            s_err = float(((s - rs).abs() / rs.abs().clamp(min=1e-30)).max())
+            got, want = fn(), ref_fn()
+            mism = max(float((q.float() != rq.float()).float().mean()) for q, rq in zip(got[0::2], want[0::2]))
+            s_err = max(float(((s - rs).abs() / rs.abs().clamp(min=1e-30)).max()) for s, rs in zip(got[1::2], want[1::2]))
             ok = f"q mismatch {mism:.1e}, scale rel {s_err:.1e}"
         ms = bench_ms(fn)
         row("quant", shape=f"{M if 'weight' not in name else Kd}x{Kd}", variant=name, ms=round(ms, 4),
             tb_s=round(nbytes / ms / 1e9, 2), check=ok)
+    # the FP8 experts' weights as one training step quantises them (gate and up into one
+    # buffer, with the transpose), at each warp count of the one-block-per-program kernel
+    E, I, D = 64, 1408, 2048
+    wg, wu = (torch.randn(E, I, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    default = quant._WEIGHT_WARPS
+    for warps in (4, 8, 16):
+        quant._WEIGHT_WARPS = warps
+        ms = bench_ms(lambda: quant.weight_quant_t(wg, wu))
+        row("quant", shape=f"{E}x{2 * I}x{D}", variant=f"weight_quant_t experts gate+up, {warps} warps",
+            ms=round(ms, 4), tb_s=round(4 * E * 2 * I * D / ms / 1e9, 2), check="-")
+    quant._WEIGHT_WARPS = default
 
 
 def uneven_counts(tokens: int, top_k: int, E: int, seed: int) -> torch.Tensor:

@@ -3,7 +3,10 @@
     python benchmarks/profile_moe.py [--variants bf16,fp8] [--tokens 16384] [--rows 25]
 
 The layer is the benchmark shape of bench_fp8_model.py (64 experts top-6, 2 shared, hidden
-2048, width 1408), bf16, random weights and inputs. Prints the top GPU kernels by total time.
+2048, width 1408), bf16, random weights and inputs. Prints, per variant, the host syncs of one
+forward + backward (torch.cuda sync debug mode: each one drains the GPU queue, so the CPU
+cannot run ahead), the GPU kernel time against the wall time of a pass (the difference is the
+GPU waiting for the CPU), and the top GPU kernels by total time.
 """
 
 from __future__ import annotations
@@ -57,12 +60,27 @@ def main():
         for _ in range(3):
             step()
         torch.cuda.synchronize()
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)
+                 and "prototype" not in str(w.message)]
+        print(f"\n### {variant}: {len(syncs)} host syncs in one forward+backward")
+        for line in syncs[:10]:
+            print("   ", line)
+        from triton.testing import do_bench
+        wall = do_bench(step, warmup=100, rep=500, return_mode="median")
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-        print(f"\n### {variant}: 3 forward+backward passes, {a.tokens} tokens")
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+        print(f"\n### {variant}: 3 forward+backward passes, {a.tokens} tokens; per pass: wall {wall:.2f} ms "
+              f"(do_bench median), GPU kernels {kernel_us / 3e3:.2f} ms")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
 
 

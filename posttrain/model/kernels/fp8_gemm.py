@@ -221,14 +221,17 @@ def scaled_mm_blockwise(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor,
 
 
 _PROBED: dict[tuple[str, bool], bool] = {}
+PROBE_FAILURES: dict[tuple[str, bool], str] = {}
 
 
 def cublas_blockwise_works(device: torch.device, b_block: bool) -> bool:
     """Probe once per (device, kind of b scale): run a small GEMM through cuBLAS and compare it
-    with the torch reference; any error or disagreement means "use Triton". Cached."""
+    with the torch reference; any error or disagreement means "use Triton". Cached; a failure
+    is kept in PROBE_FAILURES and reported once as a RuntimeWarning (the Triton GEMM is slower,
+    so a silent fallback would only show up as lost speed)."""
     key = (str(device), bool(b_block))
     if key not in _PROBED:
-        ok = False
+        ok, why = False, ""
         try:
             g = torch.Generator(device="cpu").manual_seed(1234)
             m, n, k = 64, 256, 512
@@ -238,11 +241,18 @@ def cublas_blockwise_works(device: torch.device, b_block: bool) -> bool:
             b_q, b_s = ref.weight_quant(b) if b_block else ref.act_quant(b)
             got = scaled_mm_blockwise(a_q, a_s, b_q, b_s, torch.float32, b_block).float()
             want = ref.fp8_gemm(a_q, a_s, b_q, b_s, torch.float32, b_block)
-            ok = bool(torch.isfinite(got).all()) and bool(
-                (got - want).norm() <= 1e-3 * want.norm())
-        except Exception:  # noqa: BLE001 - any failure means the path is unusable here
-            ok = False
+            err = float((got - want).norm() / want.norm())
+            ok = bool(torch.isfinite(got).all()) and err <= 1e-3
+            why = "" if ok else f"result differs from the reference (relative error {err:.2e})"
+        except Exception as exc:  # noqa: BLE001 - any failure means the path is unusable here
+            why = f"{type(exc).__name__}: {exc}"
         _PROBED[key] = ok
+        if not ok:
+            PROBE_FAILURES[key] = why
+            import warnings
+            kind = "1x128 x 128x128" if b_block else "1x128 x 1x128"
+            warnings.warn(f"cuBLAS blockwise FP8 ({kind}) unusable on {device}, using the Triton GEMM: {why[:300]}",
+                          RuntimeWarning, stacklevel=2)
     return _PROBED[key]
 
 

@@ -332,6 +332,9 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K,
         tl.store(st_ptr + e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
 
 
+_WEIGHT_WARPS = 8  # one 128x128 block per program
+
+
 def _quant_weight_into(built: Built, w3: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                        q_t: torch.Tensor | None = None, s_t: torch.Tensor | None = None) -> None:
     """Quantise w3 [E, N, K] into q [E, N, K] / s [E, N/128, K/128] (and q_t [E, K, N] / s_t),
@@ -347,7 +350,7 @@ def _quant_weight_into(built: Built, w3: torch.Tensor, q: torch.Tensor, s: torch
         w3, q, s, qt, st, n, k, w3.stride(0), w3.stride(1), w3.stride(2), q.stride(0), q.stride(1),
         s.stride(0), s.stride(1), s.stride(2), qt.stride(0), qt.stride(1),
         st.stride(0), st.stride(1), st.stride(2),
-        TRANSPOSED=t, EMULATE_RNE=built.interpret, num_warps=8)
+        TRANSPOSED=t, EMULATE_RNE=built.interpret, num_warps=_WEIGHT_WARPS)
 
 
 def _weight_outputs(e: int, n: int, k: int, device, transposed: bool):
