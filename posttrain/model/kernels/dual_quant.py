@@ -31,50 +31,60 @@ _absmax = _quant_tile = None
 _KERNELS = None
 
 
-def _store_both(v, rows, cols, group, pid_m, M, K, q_ptr, s_ptr, qt_ptr, st_ptr,
-                stride_qm, stride_sm, stride_qtk, stride_stk, stride_stm, EMULATE_RNE: tl.constexpr):
-    """Quantise the fp32 tile v [128 rows, 128 cols] along its rows and along its columns and
-    store both: q[rows, cols] with s[rows, group], and q_t[cols, rows] with s_t[cols, pid_m]."""
+def _rows_quant(v, rows, cols, group, M, K, q_ptr, s_ptr, stride_qm, stride_sm, EMULATE_RNE: tl.constexpr):
+    """1x128 quantisation of v [CHUNK rows, 128 cols] along its rows: q[rows, cols], s[rows, group]."""
     mask = (rows[:, None] < M) & (cols[None, :] < K)
-    amax_r = _absmax(v, 1)
-    q, s = _quant_tile(v, amax_r[:, None], EMULATE_RNE)
+    q, s = _quant_tile(v, _absmax(v, 1)[:, None], EMULATE_RNE)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
-    tl.store(s_ptr + rows * stride_sm + group, tl.reshape(s, (128,)), mask=rows < M)
-    amax_c = _absmax(v, 0)
+    tl.store(s_ptr + rows * stride_sm + group, tl.reshape(s, (v.shape[0],)), mask=rows < M)
+
+
+def _cols_quant(v, amax_c, rows, cols, M, K, qt_ptr, stride_qtk, EMULATE_RNE: tl.constexpr):
+    """v [CHUNK rows, 128 cols] quantised with the column scales of its whole 128-row block
+    (amax_c [128]) and stored transposed: q_t[cols, rows]. Returns the scales."""
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
     qt, st = _quant_tile(v, amax_c[None, :], EMULATE_RNE)
     tl.store(qt_ptr + cols[None, :].to(tl.int64) * stride_qtk + rows[:, None], qt, mask=mask)
+    return st
+
+
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+def _dual_quant_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, M_BUCKET, stride_xm, stride_xk,
+                       stride_qm, stride_sm, stride_qtk, stride_stk, stride_stm,
+                       CHUNK: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """One program: x[128 rows, 128 cols] -> its tiles of both layouts, in chunks of CHUNK rows.
+
+    The row quantisation and the column amax take one pass over the chunks; the column
+    quantisation a second, which reloads the 128 x 128 tile from cache (DRAM reads it once).
+    Holding the whole tile in registers instead spills (two reductions and a transposed store
+    of 16K fp32 values)."""
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_k * 128 + tl.arange(0, 128)
+    amax_c = tl.zeros([128], dtype=tl.float32)
+    for i in tl.static_range(0, 128, CHUNK):
+        rows = pid_m * 128 + i + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk,
+                    mask=mask, other=0.0).to(tl.float32)
+        _rows_quant(x, rows, cols, pid_k, M, K, q_ptr, s_ptr, stride_qm, stride_sm, EMULATE_RNE)
+        amax_c = _nan_max(amax_c, _absmax(x, 0))
+    st = amax_c
+    for i in tl.static_range(0, 128, CHUNK):
+        rows = pid_m * 128 + i + tl.arange(0, CHUNK)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk,
+                    mask=mask, other=0.0).to(tl.float32)
+        st = _cols_quant(x, amax_c, rows, cols, M, K, qt_ptr, stride_qtk, EMULATE_RNE)
     tl.store(st_ptr + cols * stride_stk + pid_m * stride_stm, tl.reshape(st, (128,)), mask=cols < K)
 
 
-def _round_to_bf16(v):
-    """fp32 v rounded to the nearest bf16 value (ties to even), staying in fp32."""
-    bits = v.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True)
-
-
-def _dual_quant_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, stride_xk,
-                       stride_qm, stride_sm, stride_qtk, stride_stk, stride_stm, EMULATE_RNE: tl.constexpr):
-    """One program: x[128 rows, 128 cols] -> its tiles of both layouts."""
-    pid_k = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * 128 + tl.arange(0, 128)
-    cols = pid_k * 128 + tl.arange(0, 128)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-    _store_both(x.to(tl.float32), rows, cols, pid_k, pid_m, M, K, q_ptr, s_ptr, qt_ptr, st_ptr,
-                stride_qm, stride_sm, stride_qtk, stride_stk, stride_stm, EMULATE_RNE)
-
-
-def _swiglu_bwd_dual_kernel(g_ptr, u_ptr, dh_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, I,
-                            stride_gm, stride_um, stride_dm, stride_qm, stride_sm, stride_qtk,
-                            stride_stk, stride_stm, EMULATE_RNE: tl.constexpr):
-    """One program: gate, up, dh [128 rows, 128 cols of I] -> dg and du, each in both layouts
-    (dg in columns 0..I-1 of the [M, 2I] result, du in I..2I-1)."""
-    pid_k = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * 128 + tl.arange(0, 128)
-    cols = pid_k * 128 + tl.arange(0, 128)
+def _swiglu_grads(g_ptr, u_ptr, dh_ptr, rows, cols, M, I, stride_gm, stride_um, stride_dm,
+                  EMULATE_RNE: tl.constexpr):
+    """dg, du of h = silu(g) * u for a [CHUNK, 128] tile, in fp32, rounded to dh's dtype."""
     mask = (rows[:, None] < M) & (cols[None, :] < I)
     r = rows[:, None].to(tl.int64)
     g = tl.load(g_ptr + r * stride_gm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -92,22 +102,71 @@ def _swiglu_bwd_dual_kernel(g_ptr, u_ptr, dh_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, 
     else:
         dg = dg.to(dh_ptr.dtype.element_ty).to(tl.float32)
         du = du.to(dh_ptr.dtype.element_ty).to(tl.float32)
+    return dg, du
+
+
+def _round_to_bf16(v):
+    """fp32 v rounded to the nearest bf16 value (ties to even), staying in fp32."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+def _swiglu_bwd_dual_kernel(g_ptr, u_ptr, dh_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, I, M_BUCKET,
+                            stride_gm, stride_um, stride_dm, stride_qm, stride_sm, stride_qtk,
+                            stride_stk, stride_stm, CHUNK: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """One program: gate, up, dh [128 rows, 128 cols of I] -> dg and du, each in both layouts
+    (dg in columns 0..I-1 of the [M, 2I] result, du in I..2I-1); two passes as above, the
+    second recomputing dg and du from the cached inputs."""
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_k * 128 + tl.arange(0, 128)
     n_groups = I // 128
-    _store_both(dg, rows, cols, pid_k, pid_m, M, 2 * I, q_ptr, s_ptr, qt_ptr, st_ptr,
-                stride_qm, stride_sm, stride_qtk, stride_stk, stride_stm, EMULATE_RNE)
-    _store_both(du, rows, cols + I, pid_k + n_groups, pid_m, M, 2 * I, q_ptr, s_ptr, qt_ptr, st_ptr,
-                stride_qm, stride_sm, stride_qtk, stride_stk, stride_stm, EMULATE_RNE)
+    amax_g = tl.zeros([128], dtype=tl.float32)
+    amax_u = tl.zeros([128], dtype=tl.float32)
+    for i in tl.static_range(0, 128, CHUNK):
+        rows = pid_m * 128 + i + tl.arange(0, CHUNK)
+        dg, du = _swiglu_grads(g_ptr, u_ptr, dh_ptr, rows, cols, M, I, stride_gm, stride_um, stride_dm, EMULATE_RNE)
+        _rows_quant(dg, rows, cols, pid_k, M, 2 * I, q_ptr, s_ptr, stride_qm, stride_sm, EMULATE_RNE)
+        _rows_quant(du, rows, cols + I, pid_k + n_groups, M, 2 * I, q_ptr, s_ptr, stride_qm, stride_sm, EMULATE_RNE)
+        amax_g = _nan_max(amax_g, _absmax(dg, 0))
+        amax_u = _nan_max(amax_u, _absmax(du, 0))
+    sg = amax_g
+    su = amax_u
+    for i in tl.static_range(0, 128, CHUNK):
+        rows = pid_m * 128 + i + tl.arange(0, CHUNK)
+        dg, du = _swiglu_grads(g_ptr, u_ptr, dh_ptr, rows, cols, M, I, stride_gm, stride_um, stride_dm, EMULATE_RNE)
+        sg = _cols_quant(dg, amax_g, rows, cols, M, 2 * I, qt_ptr, stride_qtk, EMULATE_RNE)
+        su = _cols_quant(du, amax_u, rows, cols + I, M, 2 * I, qt_ptr, stride_qtk, EMULATE_RNE)
+    tl.store(st_ptr + cols * stride_stk + pid_m * stride_stm, tl.reshape(sg, (128,)), mask=cols < I)
+    tl.store(st_ptr + (cols + I) * stride_stk + pid_m * stride_stm, tl.reshape(su, (128,)), mask=cols < I)
+
+
+# (CHUNK rows per step, num_warps), autotuned per (K, bucket of M) on the GPU
+_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 8)]
 
 
 def _kernels():
     """jit on first use, after quant.build() has imported Triton and jitted the shared helpers."""
-    global _KERNELS, tl, _absmax, _quant_tile, _store_both, _round_to_bf16
+    global _KERNELS, tl, _absmax, _quant_tile, _rows_quant, _cols_quant, _nan_max, _swiglu_grads, _round_to_bf16
     if _KERNELS is None:
         built = quant.build()
+        triton = built.triton
         tl, _absmax, _quant_tile = built.tl, quant._absmax, quant._quant_tile
-        _store_both, _round_to_bf16 = built.triton.jit(_store_both), built.triton.jit(_round_to_bf16)
-        _KERNELS = built, built.triton.jit(_dual_quant_kernel), built.triton.jit(_swiglu_bwd_dual_kernel)
+        _rows_quant, _cols_quant, _nan_max = triton.jit(_rows_quant), triton.jit(_cols_quant), triton.jit(_nan_max)
+        _swiglu_grads, _round_to_bf16 = triton.jit(_swiglu_grads), triton.jit(_round_to_bf16)
+        kernels = [triton.jit(_dual_quant_kernel), triton.jit(_swiglu_bwd_dual_kernel)]
+        if not built.interpret:  # outputs are only written, so re-running a config is harmless
+            configs = [triton.Config({"CHUNK": c}, num_warps=w) for c, w in _CONFIGS]
+            kernels = [triton.autotune(configs=configs, key=["K" if i == 0 else "I", "M_BUCKET"])(k)
+                       for i, k in enumerate(kernels)]
+        _KERNELS = (built, *kernels)
     return _KERNELS
+
+
+def _tile(built) -> dict:
+    """Launch options: fixed under the interpreter, autotuned (nothing to pass) on the GPU."""
+    return dict(CHUNK=32, num_warps=4) if built.interpret else {}
 
 
 def _outputs(m: int, k: int, device):
@@ -130,8 +189,8 @@ def act_quant_dual_triton(x: torch.Tensor):
     q, s, qt, st = _outputs(m, k, x.device)
     if m and k:
         kernel[(cdiv(k, BLOCK), cdiv(m, BLOCK))](
-            x, q, s, qt, st, m, k, x.stride(0), x.stride(1), q.stride(0), s.stride(0), qt.stride(0),
-            st.stride(0), st.stride(1), EMULATE_RNE=built.interpret, num_warps=8)
+            x, q, s, qt, st, m, k, quant.m_bucket(m), x.stride(0), x.stride(1), q.stride(0), s.stride(0),
+            qt.stride(0), st.stride(0), st.stride(1), EMULATE_RNE=built.interpret, **_tile(built))
     return q, s, qt, st
 
 
@@ -152,8 +211,9 @@ def swiglu_backward_dual_quant_triton(gate: torch.Tensor, up: torch.Tensor, dh: 
     q, s, qt, st = _outputs(m, 2 * i, dh.device)
     if m and i:
         kernel[(i // BLOCK, cdiv(m, BLOCK))](
-            gate, up, dh, q, s, qt, st, m, i, gate.stride(0), up.stride(0), dh.stride(0), q.stride(0),
-            s.stride(0), qt.stride(0), st.stride(0), st.stride(1), EMULATE_RNE=built.interpret, num_warps=8)
+            gate, up, dh, q, s, qt, st, m, i, quant.m_bucket(m), gate.stride(0), up.stride(0), dh.stride(0),
+            q.stride(0), s.stride(0), qt.stride(0), st.stride(0), st.stride(1), EMULATE_RNE=built.interpret,
+            **_tile(built))
     return q, s, qt, st
 
 
