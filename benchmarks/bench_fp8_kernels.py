@@ -102,10 +102,6 @@ def quant_section(M, Kd):
         "weight_quant 128x128": (lambda: quant.weight_quant(w), lambda: R.weight_quant(w), 3 * Kd * Kd),
         "weight_quant_t (q and q^T)": (lambda: quant.weight_quant_t(w[None])[2:], lambda: R.weight_quant_t([w[None]])[2:],
                                        4 * Kd * Kd),
-        "act_quant + act_quant_t (two reads)": (lambda: (*quant.act_quant(x), *quant.act_quant_t(x)),
-                                                lambda: (*R.act_quant(x), *R.act_quant_t(x)), 4 * M * Kd + 8 * M * Kd // 128),
-        "act_quant_dual (one read)": (lambda: K.act_quant_dual(x), lambda: (*R.act_quant(x), *R.act_quant_t(x)),
-                                      4 * M * Kd + 8 * M * Kd // 128),
         "copy (bandwidth anchor)": (lambda: x.clone(), None, 4 * M * Kd),
     }
     for name, (fn, ref_fn, nbytes) in cases.items():

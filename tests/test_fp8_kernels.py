@@ -587,3 +587,13 @@ def test_triton_kernel_under_interpreter(interpreted, name):
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == WORKER_FLAG:
     _worker(sys.argv[2])
+
+
+def test_padded_block_scale_keeps_every_block_scale_in_the_layout_scaled_mm_wants():
+    """K/128 = 22: torch.nn.functional.scaled_mm takes the 128x128 scale as [24, N/128], the
+    transpose of a row-major buffer whose rows are padded to a multiple of 4."""
+    b_s = torch.rand(16, 22, generator=torch.Generator().manual_seed(3)) + 0.5
+    padded = G._padded_block_scale(b_s.t().contiguous().t())  # as ws.t() arrives in the input gradient
+    assert padded.shape == (24, 16) and padded.stride() == (1, 24)
+    assert torch.equal(padded[:22].t(), b_s)
+    assert torch.equal(padded[22:], torch.zeros(2, 16))

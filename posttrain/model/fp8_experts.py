@@ -32,15 +32,7 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MD, w_gate_EID, w_up_EID, w_down_EDI, offsets_E):
         inter = w_gate_EID.shape[1]
-        need_gu_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        # x is quantised along features (this GEMM) and along tokens (the gate/up weight
-        # gradient) in one read when both are needed
-        if need_gu_grad:
-            xq, xs, *xt = K.act_quant_dual(x_MD)
-            ctx.xt = tuple(xt)
-        else:
-            xq, xs = K.act_quant(x_MD)
-            ctx.xt = None
+        xq, xs = K.act_quant(x_MD)
         # One pass per weight writes its FP8 blocks twice: as is for the forward, and transposed
         # (K innermost) for the input gradient. On a transposed view the FP8 tensor-core path
         # runs at about a quarter of its speed (H100: 146 vs 518 TFLOP/s), and a separate
@@ -51,6 +43,8 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
         hq, hs = K.swiglu_act_quant(gu[:, :inter], gu[:, inter:])
         wd_q, wd_s, wd_qt, wd_st = K.weight_quant_t(w_down_EDI.detach())
         y = K.grouped_fp8(hq, hs, wd_q, wd_s, offsets_E, out_dtype=x_MD.dtype)
+        need_gu_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        ctx.xt = K.act_quant_t(x_MD) if need_gu_grad else None
         ctx.save_for_backward(gu, wgu_qt, wgu_st, wd_qt, wd_st, offsets_E)
         ctx.inter = inter
         ctx.dtypes = (w_gate_EID.dtype, w_up_EID.dtype, w_down_EDI.dtype)
@@ -64,36 +58,23 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
         dy_MD = dy_MD.contiguous()
         dx = dw_gate = dw_up = dw_down = None
 
-        if ctx.needs_input_grad[3]:
-            dyq, dys, dyq_t, dys_t = K.act_quant_dual(dy_MD)
-        else:
-            dyq, dys = K.act_quant(dy_MD)
+        dyq, dys = K.act_quant(dy_MD)
         dh = K.grouped_fp8(dyq, dys, wd_qt, wd_st, offsets_E, out_dtype=dy_MD.dtype)
         del dyq, dys
         # Weight gradients come out of the kernel in the weight's own dtype (float32 sums,
         # rounded once), so no float32 [E, N, K] copy is written and converted afterwards.
         if ctx.needs_input_grad[3]:
             hq_t, hs_t = K.swiglu_act_quant_t(gate, up)  # h recomputed in fp32 as the forward had it
+            dyq_t, dys_t = K.act_quant_t(dy_MD)
             dw_down = K.grouped_fp8_wgrad(dyq_t, dys_t, hq_t, hs_t, offsets_E, out_dtype=ctx.dtypes[2])
-            del dyq_t, dys_t, hq_t, hs_t
-        # [dg | du] is quantised both ways straight from gate, up and dh (never stored in bf16)
-        # when both the input gradient and the gate/up weight gradients need it
-        gq_t = gs_t = None
-        if ctx.needs_input_grad[0] and ctx.xt is not None:
-            gq, gs, gq_t, gs_t = K.swiglu_backward_dual_quant(gate, up, dh)
-        else:
-            dgu = swiglu_backward(gate, up, dh)
-            if ctx.needs_input_grad[0]:
-                gq, gs = K.act_quant(dgu)
-            if ctx.xt is not None:
-                gq_t, gs_t = K.act_quant_t(dgu)
-            del dgu
+        dgu = swiglu_backward(gate, up, dh)
         del dh
         if ctx.needs_input_grad[0]:
+            gq, gs = K.act_quant(dgu)
             dx = K.grouped_fp8(gq, gs, wgu_qt, wgu_st, offsets_E, out_dtype=dy_MD.dtype)
             del gq, gs
         if ctx.xt is not None:
-            # gq_t is [2I, M]: rows 0..I-1 are the gate's, the rest up's
+            gq_t, gs_t = K.act_quant_t(dgu)  # [2I, M]: rows 0..I-1 are the gate's, the rest up's
             xq_t, xs_t = ctx.xt
             if ctx.needs_input_grad[1]:
                 dw_gate = K.grouped_fp8_wgrad(gq_t[:inter], gs_t[:inter], xq_t, xs_t, offsets_E,

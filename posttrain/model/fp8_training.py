@@ -36,14 +36,13 @@ class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x_MK = _rows(x)
-        if ctx.needs_input_grad[1]:  # tokens become K of the weight-gradient GEMM: both layouts, one read
-            xq, xs, *xt = K.act_quant_dual(x_MK)
-            ctx.xt = tuple(xt)
-        else:
-            xq, xs = K.act_quant(x_MK)
-            ctx.xt = None
+        xq, xs = K.act_quant(x_MK)
         wq, ws = K.weight_quant(weight.detach())
         y = K.fp8_matmul(xq, xs, wq, ws, out_dtype=x.dtype, b_block=True)
+        if ctx.needs_input_grad[1]:
+            ctx.xt = K.act_quant_t(x_MK)  # tokens become K of the weight-gradient GEMM
+        else:
+            ctx.xt = None
         ctx.save_for_backward(wq, ws)
         ctx.weight_dtype = weight.dtype
         ctx.x_shape = x.shape
@@ -54,16 +53,12 @@ class _FP8LinearFn(torch.autograd.Function):
         wq, ws = ctx.saved_tensors
         dy_MN = _rows(dy.contiguous())
         dx = dw = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            dyq, dys, dyq_t, dys_t = K.act_quant_dual(dy_MN)
-        elif ctx.needs_input_grad[0]:
-            dyq, dys = K.act_quant(dy_MN)
-        elif ctx.needs_input_grad[1]:
-            dyq_t, dys_t = K.act_quant_t(dy_MN)
         if ctx.needs_input_grad[0]:
+            dyq, dys = K.act_quant(dy_MN)
             dx = K.fp8_matmul(dyq, dys, wq.t(), ws.t(), out_dtype=dy.dtype, b_block=True)
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
+            dyq_t, dys_t = K.act_quant_t(dy_MN)
             xq_t, xs_t = ctx.xt
             dw = K.fp8_matmul(dyq_t, dys_t, xq_t, xs_t, out_dtype=torch.float32, b_block=False)
             dw = dw.to(ctx.weight_dtype)

@@ -174,10 +174,21 @@ def scaled_mm_unsupported_reason(a_q: torch.Tensor, b_q: torch.Tensor, b_block: 
         return f"N={n} is not a multiple of 16"
     if m % 4:
         return f"M={m} is not a multiple of 4 (a_s's column stride would not be 16-byte aligned)"
-    if b_block and (k // BLOCK) % 4:
+    if b_block and (k // BLOCK) % 4 and not hasattr(torch.nn.functional, "scaled_mm"):
         return (f"K/128={k // BLOCK} is not a multiple of 4: cuBLASLt wants the 128x128 scale's "
-                "leading dim 16-byte aligned, which torch._scaled_mm cannot pad")
+                "leading dim 16-byte aligned, which torch._scaled_mm cannot pad (torch.nn.functional."
+                "scaled_mm, torch >= 2.10, can)")
     return None
+
+
+def _padded_block_scale(b_s: torch.Tensor) -> torch.Tensor:
+    """The 128x128 scale b_s [N/128, K/128] as torch.nn.functional.scaled_mm wants it when K/128
+    is not a multiple of 4: [round_up(K/128, 4), N/128], the transpose of a zero-padded row-major
+    buffer (the padding is never read: the GEMM stops at K)."""
+    nb, kb = b_s.shape
+    buf = b_s.new_zeros(nb, (kb + 3) // 4 * 4)
+    buf[:, :kb] = b_s
+    return buf.t()
 
 
 def scaled_mm_blockwise(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
@@ -201,12 +212,14 @@ def scaled_mm_blockwise(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor,
     * torch requires K and N multiples of 16; the supported pairs are (1x128, 128x128),
       (1x128, 1x128) and (128x128, 1x128); SM90 only, cuBLASLt >= 12.9.
 
-    Stricter than torch, to stay on layouts its tests exercise: K a multiple of 128, M a
-    multiple of 4 and, for 128x128 scales, K/128 a multiple of 4 (cuBLASLt wants the scale's
-    leading dim 16-byte aligned; torch's newer `scaled_mm` API pads it to a multiple of 4,
-    `_scaled_mm` cannot). Anything else raises `ScaledMMUnsupported` and `fp8_matmul` uses
-    the Triton kernel instead. Non-contiguous operands are copied (b = W_q.t() in the input
-    gradient costs one transpose of the FP8 weight).
+    Stricter than torch, to stay on layouts its tests exercise: K a multiple of 128 and M a
+    multiple of 4. For 128x128 scales with K/128 not a multiple of 4 (K = 2816, the shared
+    experts' width) cuBLASLt wants the scale's leading dim padded to 16 bytes: `_scaled_mm`
+    cannot express that (on an H100 with torch 2.11 it runs and returns wrong results, relative
+    error 0.3), so those calls go through `torch.nn.functional.scaled_mm` with the scale padded
+    to [round_up(K/128, 4), N/128] (`_padded_block_scale`). Anything else raises
+    `ScaledMMUnsupported` and `fp8_matmul` uses the Triton kernel instead. Non-contiguous
+    operands are copied (b = W_q.t() in the input gradient costs one transpose of the FP8 weight).
     """
     m, n, k = ref.check_gemm_args(a_q, a_s, b_q, b_s)
     blockwise = ref.resolve_b_block(b_q, b_s, b_block)
@@ -216,25 +229,29 @@ def scaled_mm_blockwise(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor,
     mat_a = a_q.contiguous()
     mat_b = b_q.contiguous().t()
     scale_a = a_s.t().contiguous().t()
+    if blockwise and (k // BLOCK) % 4:
+        F = torch.nn.functional
+        return F.scaled_mm(mat_a, mat_b, scale_a, F.ScalingType.BlockWise1x128, _padded_block_scale(b_s),
+                           F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
     scale_b = b_s.contiguous().t() if blockwise else b_s.t().contiguous()
     return torch._scaled_mm(mat_a, mat_b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
-_PROBED: dict[tuple[str, bool], bool] = {}
-PROBE_FAILURES: dict[tuple[str, bool], str] = {}
+_PROBED: dict[tuple[str, bool, bool], bool] = {}
+PROBE_FAILURES: dict[tuple[str, bool, bool], str] = {}
 
 
-def cublas_blockwise_works(device: torch.device, b_block: bool) -> bool:
-    """Probe once per (device, kind of b scale): run a small GEMM through cuBLAS and compare it
-    with the torch reference; any error or disagreement means "use Triton". Cached; a failure
-    is kept in PROBE_FAILURES and reported once as a RuntimeWarning (the Triton GEMM is slower,
-    so a silent fallback would only show up as lost speed)."""
-    key = (str(device), bool(b_block))
+def cublas_blockwise_works(device: torch.device, b_block: bool, padded_scale: bool = False) -> bool:
+    """Probe once per (device, kind of b scale, padded 128x128 scale): run a small GEMM through
+    cuBLAS and compare it with the torch reference; any error or disagreement means "use
+    Triton". Cached; a failure is kept in PROBE_FAILURES and reported once as a RuntimeWarning
+    (the Triton GEMM is slower, so a silent fallback would only show up as lost speed)."""
+    key = (str(device), bool(b_block), bool(b_block and padded_scale))
     if key not in _PROBED:
         ok, why = False, ""
         try:
             g = torch.Generator(device="cpu").manual_seed(1234)
-            m, n, k = 64, 256, 512
+            m, n, k = 64, 256, (384 if key[2] else 512)  # K/128 = 3 takes the padded-scale path
             a = torch.randn(m, k, generator=g).to(device)
             b = torch.randn(n, k, generator=g).to(device)
             a_q, a_s = ref.act_quant(a)
@@ -250,7 +267,7 @@ def cublas_blockwise_works(device: torch.device, b_block: bool) -> bool:
         if not ok:
             PROBE_FAILURES[key] = why
             import warnings
-            kind = "1x128 x 128x128" if b_block else "1x128 x 1x128"
+            kind = ("1x128 x 128x128" + (" (padded scale)" if key[2] else "")) if b_block else "1x128 x 1x128"
             warnings.warn(f"cuBLAS blockwise FP8 ({kind}) unusable on {device}, using the Triton GEMM: {why[:300]}",
                           RuntimeWarning, stacklevel=2)
     return _PROBED[key]
@@ -282,7 +299,7 @@ def fp8_matmul(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: tor
     ref.check_gemm_args(a_q, a_s, b_q, b_s)
     blockwise = ref.resolve_b_block(b_q, b_s, b_block)
     if (scaled_mm_unsupported_reason(a_q, b_q, blockwise, out_dtype) is None
-            and cublas_blockwise_works(a_q.device, blockwise)):
+            and cublas_blockwise_works(a_q.device, blockwise, padded_scale=(a_q.shape[1] // BLOCK) % 4 != 0)):
         return scaled_mm_blockwise(a_q, a_s, b_q, b_s, out_dtype, blockwise)
     if _triton_gemm_works(a_q.device):
         return fp8_gemm(a_q, a_s, b_q, b_s, out_dtype, blockwise)
