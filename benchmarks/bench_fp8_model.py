@@ -149,6 +149,18 @@ def moe_section(quick):
                 ref_out, ref_grad = (t.detach().float() for t in fwd_bwd(m)())
         except Exception as e:
             row("moe", variant=f"transformers {impl}", error=f"{type(e).__name__}: {e}"[:300])
+    # float64 truth: transformers' eager experts on the same (bf16-valued) weights and inputs
+    ref64 = None
+    try:
+        m64 = hf_moe("eager").double()
+        x64 = x.detach().double().requires_grad_(True)
+        out64 = m64(x64)
+        out64 = out64[0] if isinstance(out64, tuple) else out64
+        out64.backward(dy.double())
+        ref64 = (out64.detach(), x64.grad.detach())
+        del m64, x64, out64
+    except Exception as e:
+        row("moe", variant="float64 reference", error=f"{type(e).__name__}: {e}"[:300])
     variants["ours bf16"] = fwd_bwd(ours)
     fp8 = MoE(args).cuda().to(torch.bfloat16)
     fp8.load_state_dict(ours.state_dict())
@@ -160,18 +172,22 @@ def moe_section(quick):
     for name, fn in variants.items():
         try:
             out, grad = fn()
-            check = "-"
+            check = check64 = "-"
             if ref_out is not None:
                 e_out = float((out.float() - ref_out).norm() / ref_out.norm())
                 e_grad = float((grad.float() - ref_grad).norm() / ref_grad.norm())
                 check = f"out {e_out:.1e}, dx {e_grad:.1e}"
+            if ref64 is not None:
+                e_out = float((out.double() - ref64[0]).norm() / ref64[0].norm())
+                e_grad = float((grad.double() - ref64[1]).norm() / ref64[1].norm())
+                check64 = f"out {e_out:.1e}, dx {e_grad:.1e}"
             ms = bench_ms(fn)
         except Exception as e:
             row("moe", variant=name, error=f"{type(e).__name__}: {e}"[:300])
             continue
         anchor = anchor or ms
         row("moe", variant=name, ms=round(ms, 2), tflops=round(flop / ms / 1e9, 1),
-            speedup=round(anchor / ms, 2), vs_transformers=check)
+            speedup=round(anchor / ms, 2), vs_transformers=check, vs_float64=check64)
 
 
 def synthetic_batches(vocab, B, T, n, seed=0, device="cuda"):
