@@ -1,0 +1,66 @@
+"""Where the time of one training step of the V3-shaped model goes (bench_fp8_model.py's step).
+
+    python benchmarks/profile_step.py [--variants bf16,fp8] [--rows 20]
+
+Per variant: host syncs in one forward + backward (each drains the GPU queue), the wall time
+of a step (do_bench median) against the GPU kernel time of one (torch.profiler): the
+difference is the GPU waiting for the CPU. Then the top GPU kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_fp8_model import build_ours, hf_config, our_args, synthetic_batches  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default="bf16,fp8")
+    p.add_argument("--rows", type=int, default=20)
+    a = p.parse_args()
+    args = our_args(hf_config(False))
+    ids = synthetic_batches(args.vocab_size, 4, 2048, 1)[0]
+    labels = ids.roll(-1, 1)
+    for variant in a.variants.split(","):
+        m = build_ours(args, variant == "fp8")
+
+        def step():
+            m.compute(ids, labels=labels, with_mtp=False).loss.backward()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0][:120] for w in caught
+                 if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
+        from triton.testing import do_bench
+        wall = do_bench(step, warmup=300, rep=2000, return_mode="median")
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            step()
+            torch.cuda.synchronize()
+        avg = prof.key_averages()
+        kernel_ms = sum(e.self_device_time_total for e in avg if e.device_type.name == "CUDA") / 1e3
+        print(f"\n### {variant}: {len(syncs)} host syncs; step wall {wall:.1f} ms, GPU kernels {kernel_ms:.1f} ms")
+        for line in syncs[:8]:
+            print("   ", line)
+        print(avg.table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+        del m
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
