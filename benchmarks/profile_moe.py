@@ -26,6 +26,25 @@ from posttrain.model.fp8_training import enable_fp8_training  # noqa: E402
 from posttrain.model.moe import MoE  # noqa: E402
 
 
+def host_syncs(fn) -> list[str]:
+    """Run fn once under torch.cuda's sync debug mode; the first line of each sync warning."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0][:120] for w in caught
+            if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
+
+
+def kernel_time_us(prof) -> float:
+    """Total GPU kernel time (microseconds) a torch.profiler run recorded."""
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+
 def benchmark_layer(variant: str, tokens: int):
     """(layer, input, output gradient): the benchmark MoE layer in bf16 with random weights
     (FP8 GEMMs when variant == "fp8") and random [1, tokens, hidden] tensors, on the GPU."""
@@ -60,14 +79,7 @@ def main():
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        import warnings
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            step()
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)
-                 and "prototype" not in str(w.message)]
+        syncs = host_syncs(step)
         print(f"\n### {variant}: {len(syncs)} host syncs in one forward+backward")
         for line in syncs[:10]:
             print("   ", line)
@@ -78,7 +90,7 @@ def main():
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-        kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+        kernel_us = kernel_time_us(prof)
         print(f"\n### {variant}: 3 forward+backward passes, {a.tokens} tokens; per pass: wall {wall:.2f} ms "
               f"(do_bench median), GPU kernels {kernel_us / 3e3:.2f} ms")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import torch
 
@@ -20,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_fp8_model import build_ours, hf_config, our_args, synthetic_batches  # noqa: E402
+from profile_moe import host_syncs, kernel_time_us  # noqa: E402
 
 
 def main():
@@ -39,13 +39,7 @@ def main():
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            step()
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message).splitlines()[0][:120] for w in caught
-                 if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
+        syncs = host_syncs(step)
         from triton.testing import do_bench
         wall = do_bench(step, warmup=300, rep=2000, return_mode="median")
         from torch.profiler import ProfilerActivity, profile
@@ -53,7 +47,7 @@ def main():
             step()
             torch.cuda.synchronize()
         avg = prof.key_averages()
-        kernel_ms = sum(e.self_device_time_total for e in avg if e.device_type.name == "CUDA") / 1e3
+        kernel_ms = kernel_time_us(prof) / 1e3
         print(f"\n### {variant}: {len(syncs)} host syncs; step wall {wall:.1f} ms, GPU kernels {kernel_ms:.1f} ms")
         for line in syncs[:8]:
             print("   ", line)

@@ -50,16 +50,23 @@ def _check(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> None:
                          f"{tuple(up.shape)} and {tuple(dh.shape)}")
 
 
+def _tile(M, I, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    """This program's tile: int64 row offsets [BLOCK_M, 1], columns [1, BLOCK_I], bounds mask."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    return rows.to(tl.int64)[:, None], cols[None, :], (rows[:, None] < M) & (cols[None, :] < I)
+
+
+def _load_f32(ptr, r, c, stride_m, stride_i, mask):
+    return tl.load(ptr + r * stride_m + c * stride_i, mask=mask, other=0.0).to(tl.float32)
+
+
 def _swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, M, I, stride_gm, stride_gi, stride_um, stride_ui, stride_hm,
                        BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
     """One program: BLOCK_M rows x BLOCK_I columns of g and u -> the same tile of h."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (rows[:, None] < M) & (cols[None, :] < I)
-    r = rows.to(tl.int64)[:, None]
-    c = cols[None, :]
-    g = tl.load(g_ptr + r * stride_gm + c * stride_gi, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + r * stride_um + c * stride_ui, mask=mask, other=0.0).to(tl.float32)
+    r, c, mask = _tile(M, I, BLOCK_M, BLOCK_I)
+    g = _load_f32(g_ptr, r, c, stride_gm, stride_gi, mask)
+    u = _load_f32(u_ptr, r, c, stride_um, stride_ui, mask)
     sig = tl.math.div_rn(1.0, 1.0 + tl.exp(-g))
     tl.store(h_ptr + r * stride_hm + c, (g * sig * u).to(h_ptr.dtype.element_ty), mask=mask)
 
@@ -68,14 +75,10 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, dh_ptr, dg_ptr, du_ptr, M, I,
                        stride_gm, stride_gi, stride_um, stride_ui, stride_dm, stride_di,
                        stride_dgm, stride_dum, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
     """One program: BLOCK_M rows x BLOCK_I columns of g, u, dh -> the same tile of dg and du."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (rows[:, None] < M) & (cols[None, :] < I)
-    r = rows.to(tl.int64)[:, None]
-    c = cols[None, :]
-    g = tl.load(g_ptr + r * stride_gm + c * stride_gi, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + r * stride_um + c * stride_ui, mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(dh_ptr + r * stride_dm + c * stride_di, mask=mask, other=0.0).to(tl.float32)
+    r, c, mask = _tile(M, I, BLOCK_M, BLOCK_I)
+    g = _load_f32(g_ptr, r, c, stride_gm, stride_gi, mask)
+    u = _load_f32(u_ptr, r, c, stride_um, stride_ui, mask)
+    d = _load_f32(dh_ptr, r, c, stride_dm, stride_di, mask)
     sig = tl.math.div_rn(1.0, 1.0 + tl.exp(-g))
     dg = d * u * (sig * (1.0 + g * (1.0 - sig)))
     du = d * (g * sig)
@@ -85,10 +88,11 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, dh_ptr, dg_ptr, du_ptr, M, I,
 
 def _kernels():
     """jit the kernels on first use, after quant.build() has imported Triton (see quant.py)."""
-    global _KERNELS, tl
+    global _KERNELS, tl, _tile, _load_f32
     if _KERNELS is None:
         built = build()
         tl = built.tl
+        _tile, _load_f32 = built.triton.jit(_tile), built.triton.jit(_load_f32)
         _KERNELS = built.triton.jit(_swiglu_fwd_kernel), built.triton.jit(_swiglu_bwd_kernel)
     return _KERNELS
 
