@@ -157,7 +157,8 @@ def sequence_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, seq_N: 
     S = int(seq_N.max()) + 1 if num_sequences is None else num_sequences
     if N == 0 or S <= 0:
         return scores_NE.sum() * 0.0
-    keep = (seq_N >= 0).to(torch.float32)
+    valid = seq_N >= 0
+    keep = valid.to(torch.float32)
     seq = seq_N.clamp(min=0)
     tokens = torch.zeros(S, device=seq.device, dtype=torch.float32).index_add_(0, seq, keep)
     slots = (seq[:, None] * n_experts + idx_NK).reshape(-1)
@@ -165,7 +166,7 @@ def sequence_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, seq_N: 
         0, slots, keep[:, None].expand(N, K).reshape(-1)).view(S, n_experts)
     per_token = tokens.clamp(min=1.0)[:, None]
     f = counts * (n_experts / K) / per_token
-    normed = torch.where(seq_N[:, None] >= 0, scores_NE / scores_NE.sum(-1, keepdim=True), 0.0)
+    normed = torch.where(valid[:, None], scores_NE / scores_NE.sum(-1, keepdim=True), 0.0)
     p = torch.zeros(S, n_experts, device=seq.device, dtype=normed.dtype).index_add_(0, seq, normed) / per_token
     present = (tokens > 0).to(p.dtype)
     return ((f * p).sum(-1) * present).sum() / present.sum().clamp(min=1.0)

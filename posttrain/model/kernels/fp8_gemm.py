@@ -17,6 +17,7 @@ programs share b's column tiles in L2.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -266,7 +267,6 @@ def cublas_blockwise_works(device: torch.device, b_block: bool, padded_scale: bo
         _PROBED[key] = ok
         if not ok:
             PROBE_FAILURES[key] = why
-            import warnings
             kind = ("1x128 x 128x128" + (" (padded scale)" if key[2] else "")) if b_block else "1x128 x 1x128"
             warnings.warn(f"cuBLAS blockwise FP8 ({kind}) unusable on {device}, using the Triton GEMM: {why[:300]}",
                           RuntimeWarning, stacklevel=2)

@@ -10,15 +10,15 @@ GEMMs take their gradients apart). Done with torch ops, forward and backward are
 passes over M x I temporaries (silu, the product, and autograd's saved silu(g)); the kernels
 read g, u (and dh) once and write once.
 
-`swiglu_backward` and `swiglu_forward` dispatch: Triton on CUDA, the torch reference elsewhere
-(tests run the kernels under TRITON_INTERPRET=1 on CPU).
+`swiglu` (autograd, any leading dims) and `swiglu_backward` dispatch: Triton on CUDA, torch
+elsewhere (tests run the kernels under TRITON_INTERPRET=1 on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .quant import HAVE_TRITON, build, require_triton
+from .quant import _use_triton, build, require_triton
 from .reference import cdiv
 
 tl = None  # bound by _kernels(); the kernel bodies look it up as a module global
@@ -130,13 +130,9 @@ def swiglu_backward_triton(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tenso
     return (dg, du) if split else out
 
 
-def _on_triton(*tensors: torch.Tensor) -> bool:
-    return HAVE_TRITON and all(t.is_cuda for t in tensors)
-
-
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     """[dg | du]: Triton on CUDA, the torch reference elsewhere."""
-    if _on_triton(gate, up, dh):
+    if _use_triton(gate, up, dh):
         return swiglu_backward_triton(gate, up, dh)
     return swiglu_backward_reference(gate, up, dh)
 
@@ -159,7 +155,7 @@ class _SwiGLUFn(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for training and inference, any leading dims: one fused Triton pass
     each way on CUDA; on CPU the plain torch composition (what the tests compare against)."""
-    if not _on_triton(gate, up):
+    if not _use_triton(gate, up):
         return torch.nn.functional.silu(gate) * up
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate and up must share shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
