@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .kernels.mla_rope import mla_qkv
 from .layers import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -81,13 +82,14 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, dim, bias=False)
         self.softmax_scale = softmax_scale(args)
 
+    def _project_q(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            return self.q_proj(x_BTD)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+
     def _queries(self, x_BTD: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x_BTD.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x_BTD)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BTHK = q.view(B, T, self.n_heads, self.qk_dim)
+        q_BTHK = self._project_q(x_BTD).view(B, T, self.n_heads, self.qk_dim)
         q_nope, q_pe = q_BTHK.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
@@ -106,24 +108,26 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """mask: bool [B|1, 1, T, S] (None = plain causal); with `cache`, S covers the cache
         up to cache_start + T and this call's latents are written at cache_start."""
+        if cache is None:
+            return self.o_proj(self._naive(x_BTD, cos, sin, mask).flatten(2))
         q_nope, q_pe = self._queries(x_BTD, cos, sin)
         kv_BTC, k_pe_BTR = self._latents(x_BTD, cos, sin)
-        if cache is None:
-            out = self._naive(q_nope, q_pe, kv_BTC, k_pe_BTR, mask)
-        else:
-            T = x_BTD.shape[1]
-            end = cache_start + T
-            cache.kv_BSC[:, cache_start:end] = kv_BTC.to(cache.kv_BSC.dtype)
-            cache.pe_BSR[:, cache_start:end] = k_pe_BTR.to(cache.pe_BSR.dtype)
-            out = self._absorbed(q_nope, q_pe, cache.kv_BSC[:, :end], cache.pe_BSR[:, :end], mask)
+        T = x_BTD.shape[1]
+        end = cache_start + T
+        cache.kv_BSC[:, cache_start:end] = kv_BTC.to(cache.kv_BSC.dtype)
+        cache.pe_BSR[:, cache_start:end] = k_pe_BTR.to(cache.pe_BSR.dtype)
+        out = self._absorbed(q_nope, q_pe, cache.kv_BSC[:, :end], cache.pe_BSR[:, :end], mask)
         return self.o_proj(out.flatten(2))
 
-    def _naive(self, q_nope, q_pe, kv_BTC, k_pe_BTR, mask) -> torch.Tensor:
-        B, T, H, _ = q_nope.shape
-        kv = self.kv_b_proj(kv_BTC).view(B, T, H, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        k = torch.cat([k_nope, k_pe_BTR[:, :, None, :].expand(B, T, H, self.rope_dim)], dim=-1)
+    def _naive(self, x_BTD, cos, sin, mask) -> torch.Tensor:
+        """Attention over per-head keys and values expanded from the latents: [B, T, H, V].
+        `mla_qkv` rotates the rope parts and lays out q, k, v (one fused pass each way on CUDA)."""
+        B, T, _ = x_BTD.shape
+        H = self.n_heads
+        q = self._project_q(x_BTD)
+        kv_lat, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_lat)).view(B, T, H, self.nope_dim + self.v_dim)
+        q, k, v = mla_qkv(q.view(B, T, H, self.qk_dim), kv, k_pe_BTR, cos, sin, self.nope_dim)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
 from .attention import MLA, LatentCache, build_attention_mask
+from .kernels.cross_entropy import cross_entropy
 from .layers import MLP, RMSNorm
 from .moe import MoE, RoutingSegments, sequence_ids
 from .recompute import checkpointed
@@ -163,7 +163,7 @@ class Transformer(nn.Module):
         if return_logits:
             out.logits = logits
         if labels is not None:
-            out.loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            out.loss = cross_entropy(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX)
             if with_mtp and len(self.mtp):
                 positions = self._positions(input_ids, position_ids, attention_mask)
                 out.mtp_losses = self._mtp_losses(hidden, input_ids, labels, positions, segment_ids, attention_mask)
@@ -197,7 +197,7 @@ class Transformer(nn.Module):
             h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos, sin, mask,
                        segment_ids=_routing_segments(seg, pad))
             logits = self.lm_head(module.shared_head.norm(h))
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=IGNORE_INDEX))
+            losses.append(cross_entropy(logits.flatten(0, 1), tgt.flatten(), IGNORE_INDEX))
         return losses
 
     # --------------------------------------------------------- scalar head
