@@ -152,3 +152,19 @@ def test_frozen_weights_get_no_gradient_and_skip_their_gemms():
     y = fp8_swiglu_experts(x, *ws, offsets)  # weights do not require grad (e.g. LoRA's base)
     y.backward(dy)
     assert x.grad is not None and all(w.grad is None for w in ws)
+
+
+def test_packed_swiglu_fn_matches_float64_and_returns_one_side_by_side_gradient():
+    """[g | u] in, h out; the gradient is one [M, 2I] tensor [dg | du] (what lets the gate/up
+    GEMM's input gradient run as one GEMM)."""
+    g = torch.Generator().manual_seed(5)
+    gu, dh = torch.randn(29, 2 * 72, generator=g) * 2, torch.randn(29, 72, generator=g)
+    a = gu.clone().requires_grad_(True)
+    h = S._PackedSwiGLUFn.apply(a)
+    h.backward(dh)
+    g64 = gu.double().requires_grad_(True)
+    (F.silu(g64[:, :72]) * g64[:, 72:]).backward(dh.double())
+    torch.testing.assert_close(h.double(), F.silu(gu.double()[:, :72]) * gu.double()[:, 72:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad.double(), g64.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="even"):
+        S.swiglu_packed(torch.randn(3, 7))

@@ -100,3 +100,47 @@ def test_train_config_fp8_switches_the_trained_model(tmp_path):
             loss_fn=lambda *a, **k: None, collate=lambda rows: rows)
     assert isinstance(model.layers[0].mlp.gate_proj, FP8Linear) and model.layers[1].mlp.experts.fp8
     assert type(model.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_mlp_runs_gate_and_up_as_one_gemm_with_the_same_numbers(fp8):
+    """MLP packs [W_gate; W_up] into one GEMM when it can: output and every gradient equal the
+    two separate GEMMs (in FP8 the output and weight gradients bitwise, the 128-row weight blocks
+    staying the same; the input gradient to summation order); a hooked
+    or LoRA-wrapped projection is left to run on its own."""
+    from posttrain.model.layers import MLP
+    torch.manual_seed(0)
+    mlp = MLP(256, 256)
+    randomize_(mlp, 1)
+    if fp8:
+        for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            m.__class__ = FP8Linear
+    x = torch.randn(3, 40, 256)
+    dy = torch.randn(3, 40, 256)
+
+    def run(pack: bool):
+        mlp.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        if pack:
+            assert mlp._packed_weight() is not None
+            y = mlp(xi)
+        else:
+            y = mlp.down_proj(S_swiglu(mlp.gate_proj(xi), mlp.up_proj(xi)))
+        y.backward(dy)
+        return [y.detach(), xi.grad] + [p.grad.clone() for p in mlp.parameters()]
+
+    from posttrain.model.kernels.swiglu import swiglu as S_swiglu
+    packed, apart = run(True), run(False)
+    for i, (a, b) in enumerate(zip(packed, apart)):
+        if fp8 and i != 1:
+            assert torch.equal(a, b)
+        else:  # the input gradient sums over 2I in one GEMM instead of two GEMMs and an add
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    handle = mlp.up_proj.register_forward_hook(lambda *a: None)
+    assert mlp._packed_weight() is None
+    handle.remove()
+    if fp8:
+        narrow = MLP(256, 192)
+        for m in (narrow.gate_proj, narrow.up_proj):
+            m.__class__ = FP8Linear
+        assert narrow._packed_weight() is None  # 192 rows: a weight block would mix gate and up

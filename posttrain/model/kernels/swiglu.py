@@ -10,7 +10,7 @@ GEMMs take their gradients apart). Done with torch ops, forward and backward are
 passes over M x I temporaries (silu, the product, and autograd's saved silu(g)); the kernels
 read g, u (and dh) once and write once.
 
-`swiglu` (autograd, any leading dims) and `swiglu_backward` dispatch: Triton on CUDA, torch
+`swiglu`, `swiglu_packed` (autograd, any leading dims) and `swiglu_backward` dispatch: Triton on CUDA, torch
 elsewhere (tests run the kernels under TRITON_INTERPRET=1 on CPU).
 """
 
@@ -150,6 +150,37 @@ class _SwiGLUFn(torch.autograd.Function):
     def backward(ctx, dh):
         gate, up = ctx.saved_tensors
         return swiglu_backward_triton(gate, up, dh.contiguous(), split=True)
+
+
+class _PackedSwiGLUFn(torch.autograd.Function):
+    """silu(g) * u from one [M, 2I] tensor [g | u] (one GEMM's output); its gradient comes back
+    as one [M, 2I] tensor [dg | du], which the GEMM's backward reads as is (one input-gradient
+    GEMM over 2I, no sum of two)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        i = gate_up.shape[1] // 2
+        return swiglu_forward_triton(gate_up[:, :i], gate_up[:, i:])
+
+    @staticmethod
+    def backward(ctx, dh):
+        (gate_up,) = ctx.saved_tensors
+        i = gate_up.shape[1] // 2
+        return swiglu_backward_triton(gate_up[:, :i], gate_up[:, i:], dh.contiguous())
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u for gate_up = [g | u] along the last dim (any leading dims): the fused Triton
+    passes on CUDA, the torch composition on the two halves elsewhere."""
+    i = gate_up.shape[-1] // 2
+    if gate_up.shape[-1] != 2 * i:
+        raise ValueError(f"swiglu_packed wants an even last dim [.., 2I], got {tuple(gate_up.shape)}")
+    if not _use_triton(gate_up):
+        return torch.nn.functional.silu(gate_up[..., :i]) * gate_up[..., i:]
+    lead = gate_up.shape[:-1]
+    h = _PackedSwiGLUFn.apply(gate_up.reshape(-1, 2 * i))
+    return h.view(*lead, i)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
