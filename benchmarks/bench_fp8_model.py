@@ -12,6 +12,8 @@ step  forward + backward of a V3-shaped model (hidden 2048, 8 layers, first dens
       989 TFLOP/s dense bf16 (H100 SXM). FLOPs per token = 6 x activated matmul parameters
       (counting.py: every dense weight, shared + top-k experts, router, LM head) plus causal
       attention 6 x T x heads x (qk_dim + v_dim) per layer.
+Every timed call starts with the gradients set to None, as after an optimizer step
+(`zero_grad(set_to_none=True)`), so backward writes them instead of adding to the last call's.
 loss  the same model trained --steps AdamW steps in bf16 and in FP8 from the same init on the
       same batches (a synthetic bigram language); final-window mean loss, relative gap.
 """
@@ -129,6 +131,7 @@ def moe_section(quick):
 
     def fwd_bwd(module):
         def run():
+            module.zero_grad(set_to_none=True)  # a step's backward writes fresh gradients
             xi = x.detach().requires_grad_(True)
             out = module(xi)
             out = out[0] if isinstance(out, tuple) else out
@@ -231,6 +234,7 @@ def step_section(quick):
 
     def timed(name, model, call):
         def run():
+            model.zero_grad(set_to_none=True)  # as an optimizer step leaves them
             loss = call(model)
             loss.backward()
             return loss

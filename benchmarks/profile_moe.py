@@ -73,6 +73,7 @@ def main():
         moe, x, dy = benchmark_layer(variant, a.tokens)
 
         def step():
+            moe.zero_grad(set_to_none=True)  # as an optimizer step leaves them
             xi = x.detach().requires_grad_(True)
             moe(xi).backward(dy)
 

@@ -34,6 +34,7 @@ def main():
         m = build_ours(args, variant == "fp8")
 
         def step():
+            m.zero_grad(set_to_none=True)  # as an optimizer step leaves them
             m.compute(ids, labels=labels, with_mtp=False).loss.backward()
 
         for _ in range(3):

@@ -1,0 +1,249 @@
+"""Where the bf16 / FP8 training step of bench_fp8_model.py spends its time, part by part.
+
+    python benchmarks/breakdown_step.py [--sections fused,sdpa,parts] [--variants bf16,fp8] [--cprofile 25]
+
+Times, forward + backward each (do_bench median, gradients set to None before every call as a
+training step starts), on the step's shape (4 x 2048 tokens, hidden 2048):
+
+* the attention sublayer of one block (input norm + MLA), the MoE sublayer of one MoE block
+  (post-attention norm + MoE), the dense MLP sublayer of block 0, the head (final norm + LM
+  head + cross-entropy), and the whole step; parts x layer counts against the step shows what
+  the rest (embedding, residual adds, launch gaps) costs;
+* the attention core alone (q/k 192 wide, v 128, causal) under each SDPA backend torch has
+  here: the default choice, cuDNN, memory-efficient, and flash with v zero-padded to 192;
+* the fused kernels the step uses (RMSNorm, cross-entropy, MLA q/k/v assembly) against the torch
+  compositions they replace: error of both against float64, time of both (fwd + bwd);
+* with --cprofile N: the N Python functions with the most own time in one step (cProfile),
+  which shows what the CPU does while the GPU waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_fp8_model import bench_ms, build_ours, hf_config, our_args, synthetic_batches  # noqa: E402
+from profile_moe import kernel_time_us  # noqa: E402
+
+from posttrain.model.kernels.cross_entropy import cross_entropy  # noqa: E402
+from posttrain.model.moe import MoE  # noqa: E402
+
+
+def fwd_bwd(module_fn, params, x, dy):
+    """A callable running module_fn(x) forward + backward with fresh gradients."""
+    def run():
+        for p in params:
+            p.grad = None
+        xi = x.detach().requires_grad_(True)
+        module_fn(xi).backward(dy)
+    return run
+
+
+def sdpa_section(B=4, T=2048, H=16, qk=192, v=128):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(B, H, T, qk, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    vv = torch.randn(B, H, T, v, device="cuda", dtype=torch.bfloat16, generator=g)
+    dout = torch.randn(B, H, T, v, device="cuda", dtype=torch.bfloat16, generator=g)
+    flops = 4 * B * H * T * T * (qk + v) / 2 * 3.5  # causal, fwd + bwd (bwd = 2.5x fwd)
+    ref = None
+    rows = []
+
+    def attempt(name, backend, pad_v):
+        nonlocal ref
+        def run():
+            qi, ki, vi = (t.detach().requires_grad_(True) for t in (q, k, vv))
+            vin = F.pad(vi, (0, qk - v)) if pad_v else vi
+            ctx = sdpa_kernel([backend]) if backend is not None else _null()
+            with ctx:
+                o = F.scaled_dot_product_attention(qi, ki, vin, is_causal=True)
+            o = o[..., :v] if pad_v else o
+            o.backward(dout)
+            return o, qi.grad
+        try:
+            o, dq = run()
+            ms = bench_ms(run, 100, 500)
+        except Exception as e:  # a backend may refuse these head dims
+            rows.append((name, f"refused: {type(e).__name__}: {str(e).splitlines()[0][:90]}"))
+            return
+        if ref is None:
+            ref = (o.float(), dq.float())
+        err = max(float((o.float() - ref[0]).norm() / ref[0].norm()), float((dq.float() - ref[1]).norm() / ref[1].norm()))
+        rows.append((name, f"{ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s, vs default {err:.1e}"))
+
+    attempt("default", None, False)
+    attempt("cudnn", SDPBackend.CUDNN_ATTENTION, False)
+    attempt("efficient", SDPBackend.EFFICIENT_ATTENTION, False)
+    attempt("flash, v padded to 192", SDPBackend.FLASH_ATTENTION, True)
+    attempt("cudnn, v padded to 192", SDPBackend.CUDNN_ATTENTION, True)
+    print("\n### attention core (B=4, T=2048, 16 heads, qk 192, v 128, causal), fwd + bwd")
+    for name, r in rows:
+        print(f"  {name:28s} {r}")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def fused_section():
+    from posttrain.model.kernels import cross_entropy as CE
+    from posttrain.model.kernels import mla_rope as MR
+    from posttrain.model.kernels import rmsnorm as RN
+    g = torch.Generator(device="cuda").manual_seed(2)
+
+    def rnd(*shape, scale=1.0, dtype=torch.bfloat16):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).to(dtype)
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    def compare(name, fused, torch_fn, float64_fn, inputs, grads):
+        """fused / torch_fn / float64_fn(*leaves) -> outputs; errors of outputs and input
+        gradients vs float64, and fwd + bwd times."""
+        def run(fn, cast=None):
+            leaves = [(t.double() if cast and t.is_floating_point() else t).detach().requires_grad_(t.is_floating_point())
+                      for t in inputs]
+            outs = fn(*leaves)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            torch.autograd.backward(outs, [gr.double() if cast else gr for gr in grads])
+            return [o.detach() for o in outs] + [t.grad for t in leaves if t.grad is not None]
+        truth = run(float64_fn, cast=True)
+        errs = {}
+        for label, fn in (("fused", fused), ("torch", torch_fn)):
+            got = run(fn)
+            errs[label] = max(rel(a, b) for a, b in zip(got, truth))
+            errs[label + " ms"] = bench_ms(lambda: run(fn), 50, 300)
+        print(f"  {name:34s} torch {errs['torch ms']:6.3f} ms (err {errs['torch']:.1e})   "
+              f"fused {errs['fused ms']:6.3f} ms (err {errs['fused']:.1e})   {errs['torch ms'] / errs['fused ms']:.2f}x")
+        del truth
+
+    print("\n### fused kernels vs the torch ops they replace (fwd + bwd, max relative error vs float64)")
+    for n in (2048, 512):
+        x, w = rnd(8192, n, scale=2.0), (1 + 0.1 * rnd(n, dtype=torch.float32)).to(torch.bfloat16)
+        compare(f"RMSNorm [8192, {n}]", lambda a, b: RN._RMSNormFn.apply(a, b, 1e-6),
+                lambda a, b: RN.rms_norm_reference(a, b, 1e-6), lambda a, b: RN.rms_norm_reference(a, b, 1e-6),
+                [x, w], [rnd(8192, n)])
+    logits = rnd(8192, 32000, scale=3.0)
+    labels = torch.randint(0, 32000, (8192,), device="cuda", generator=g)
+    labels[::17] = -100
+    compare("cross-entropy [8192, 32000]", lambda a, lab: CE._CrossEntropyFn.apply(a, lab, -100),
+            lambda a, lab: CE.cross_entropy_reference(a, lab), lambda a, lab: CE.cross_entropy_reference(a, lab),
+            [logits, labels], [torch.tensor(1.0, device="cuda")])
+    del logits
+    B, T, H = 4, 2048, 16
+    q = rnd(B, T, H * 192).view(B, T, H, 192)
+    kv = rnd(B, T, H * 256).view(B, T, H, 256)
+    k_pe = rnd(B, T, 576)[..., 512:]
+    ang = torch.rand(B, T, 32, device="cuda", generator=g) * 100
+    cos, sin = ang.cos(), ang.sin()
+    compare("MLA q/k/v + rope [4, 2048, 16 heads]",
+            lambda a, b, c: MR._MLAQKVFn.apply(a, b, c, cos, sin, 128),
+            lambda a, b, c: MR.mla_qkv_reference(a, b, c, cos, sin, 128),
+            lambda a, b, c: MR.mla_qkv_reference(a, b, c, cos.double(), sin.double(), 128),
+            [q, kv, k_pe], [rnd(B, T, H, 192), rnd(B, T, H, 192), rnd(B, T, H, 128)])
+    torch.cuda.empty_cache()
+
+
+def parts_section(variant: str, cprofile_rows: int):
+    args = our_args(hf_config(False))
+    B, T = 4, 2048
+    ids = synthetic_batches(args.vocab_size, B, T, 1)[0]
+    labels = ids.roll(-1, 1)
+    m = build_ours(args, variant == "fp8")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(B, T, args.hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
+    dy = torch.randn_like(x) * 1e-3
+    cos, sin = m.rotary(torch.arange(T, device="cuda")[None].expand(B, T))
+    dense, moe_block = m.layers[0], m.layers[1]
+    n_moe = sum(isinstance(b.mlp, MoE) for b in m.layers)
+    n_layers = len(m.layers)
+
+    parts = {
+        "attention sublayer": (lambda h: dense.self_attn(dense.input_layernorm(h), cos, sin),
+                               list(dense.input_layernorm.parameters()) + list(dense.self_attn.parameters()), n_layers),
+        "MoE sublayer": (lambda h: moe_block.mlp(moe_block.post_attention_layernorm(h)),
+                         list(moe_block.post_attention_layernorm.parameters()) + list(moe_block.mlp.parameters()), n_moe),
+        "dense MLP sublayer": (lambda h: dense.mlp(dense.post_attention_layernorm(h)),
+                               list(dense.post_attention_layernorm.parameters()) + list(dense.mlp.parameters()),
+                               n_layers - n_moe),
+    }
+
+    def head(h):
+        logits = m.lm_head(m.norm(h))
+        return cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))  # as Transformer.compute
+
+    def head_run():
+        for p in list(m.norm.parameters()) + list(m.lm_head.parameters()):
+            p.grad = None
+        xi = x.detach().requires_grad_(True)
+        head(xi).backward()
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        m.compute(ids, labels=labels, with_mtp=False).loss.backward()
+
+    print(f"\n### {variant}: parts of the step, fwd + bwd each, gradients set to None first")
+    total = 0.0
+    for name, (fn, params, count) in parts.items():
+        ms = bench_ms(fwd_bwd(fn, params, x, dy), 100, 500)
+        total += ms * count
+        print(f"  {name:22s} {ms:7.2f} ms x {count} = {ms * count:7.2f} ms")
+    ms = bench_ms(head_run, 100, 500)
+    total += ms
+    print(f"  {'head + loss':22s} {ms:7.2f} ms x 1 = {ms:7.2f} ms")
+    step_ms = bench_ms(step, 300, 2000)
+    print(f"  sum of parts {total:.1f} ms; whole step {step_ms:.1f} ms (rest {step_ms - total:.1f} ms)")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    cuda = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    print(f"  GPU work items in one step: {sum(e.count for e in cuda)}, {kernel_time_us(prof) / 1e3:.1f} ms of GPU time")
+    if cprofile_rows:
+        step()
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        step()
+        pr.disable()
+        torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(cprofile_rows)
+        print("\n".join(line[:150] for line in s.getvalue().splitlines() if line.strip()))
+    del m
+    torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default="bf16,fp8")
+    p.add_argument("--cprofile", type=int, default=25)
+    p.add_argument("--sections", default="fused,sdpa,parts")
+    a = p.parse_args()
+    sections = a.sections.split(",")
+    if "fused" in sections:
+        fused_section()
+    if "sdpa" in sections:
+        sdpa_section()
+    if "parts" not in sections:
+        return
+    for variant in a.variants.split(","):
+        parts_section(variant, a.cprofile)
+
+
+if __name__ == "__main__":
+    main()
