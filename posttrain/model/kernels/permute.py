@@ -150,9 +150,11 @@ def _kernels():
 def _meta(rows_NK: torch.Tensor, D: int, interpret: bool) -> dict:
     K = rows_NK.shape[1]
     block_d = _INTERPRET_BLOCK_D if interpret else min(1024, max(64, 1 << (D - 1).bit_length()))
-    # 8 warps move a 1024-wide bf16 row chunk in 16-byte vectors per thread (one K row each).
+    # 4 warps per [K_PAD, 1024] tile: with 8 the sum over K crosses warps (shared memory and a
+    # barrier per chunk) and the gather-sums ran at half the speed (H100, 8192 x 6 rows of 2048:
+    # 166 -> 89 us; benchmarks/tune_permute.py).
     return dict(K=K, K_PAD=max(2, 1 << (K - 1).bit_length()), BLOCK_D=block_d,
-                num_warps=1 if interpret else (8 if block_d >= 1024 else 4))
+                num_warps=1 if interpret else 4)
 
 
 def _rows_c(rows_NK: torch.Tensor) -> torch.Tensor:
