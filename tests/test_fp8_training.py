@@ -144,3 +144,33 @@ def test_mlp_runs_gate_and_up_as_one_gemm_with_the_same_numbers(fp8):
         for m in (narrow.gate_proj, narrow.up_proj):
             m.__class__ = FP8Linear
         assert narrow._packed_weight() is None  # 192 rows: a weight block would mix gate and up
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 16])
+def test_mla_packs_the_query_and_latent_projections_without_changing_the_function(q_lora_rank):
+    """MLA runs q (or q_a) and kv_a as one GEMM on the same x; the output and every gradient
+    equal the separate projections (a hook on kv_a makes it run them apart)."""
+    from posttrain.model.attention import MLA
+    from posttrain.model.rope import RotaryEmbedding
+    args = small_args(q_lora_rank=q_lora_rank)
+    mla = MLA(args)
+    randomize_(mla, 2)
+    x, dy = torch.randn(2, 9, args.hidden_size), torch.randn(2, 9, args.hidden_size)
+    cos, sin = RotaryEmbedding(args)(torch.arange(9)[None].expand(2, 9))
+
+    def run():
+        mla.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        mla(xi, cos, sin).backward(dy)
+        return [xi.grad] + [p.grad.clone() for p in mla.parameters()]
+
+    from posttrain.model.layers import packed_weight
+    q_in = mla.q_proj if q_lora_rank is None else mla.q_a_proj
+    assert packed_weight(q_in, mla.kv_a_proj_with_mqa) is not None
+    packed = run()
+    handle = mla.kv_a_proj_with_mqa.register_forward_hook(lambda *a: None)
+    assert packed_weight(q_in, mla.kv_a_proj_with_mqa) is None
+    apart = run()
+    handle.remove()
+    for a, b in zip(packed, apart):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .kernels.mla_rope import mla_qkv
-from .layers import RMSNorm
+from .layers import RMSNorm, packed_linear
 from .rope import apply_rope, softmax_scale
 
 
@@ -121,11 +121,19 @@ class MLA(nn.Module):
 
     def _naive(self, x_BTD, cos, sin, mask) -> torch.Tensor:
         """Attention over per-head keys and values expanded from the latents: [B, T, H, V].
+        The query and latent projections read the same x and run as one GEMM where they can;
         `mla_qkv` rotates the rope parts and lays out q, k, v (one fused pass each way on CUDA)."""
         B, T, _ = x_BTD.shape
         H = self.n_heads
-        q = self._project_q(x_BTD)
-        kv_lat, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q_in = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        both = packed_linear(x_BTD, q_in, self.kv_a_proj_with_mqa)  # one GEMM where it can
+        if both is None:
+            q, kv_a = self._project_q(x_BTD), self.kv_a_proj_with_mqa(x_BTD)
+        else:
+            q, kv_a = both.split([q_in.out_features, self.kv_a_proj_with_mqa.out_features], dim=-1)
+            if self.q_lora_rank is not None:
+                q = self.q_b_proj(self.q_a_layernorm(q))
+        kv_lat, k_pe_BTR = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(kv_lat)).view(B, T, H, self.nope_dim + self.v_dim)
         q, k, v = mla_qkv(q.view(B, T, H, self.qk_dim), kv, k_pe_BTR, cos, sin, self.nope_dim)
         out = F.scaled_dot_product_attention(

@@ -34,24 +34,37 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pack = self._packed_weight()
-        if pack is not None:
-            gate_up = fp8_linear(x, pack) if type(self.gate_proj) is not nn.Linear else F.linear(x, pack)
+        gate_up = packed_linear(x, self.gate_proj, self.up_proj)
+        if gate_up is not None:
             return self.down_proj(swiglu_packed(gate_up))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
     def _packed_weight(self) -> torch.Tensor | None:
-        """[W_gate; W_up] when gate and up can run as one GEMM (x read once, one input-gradient
-        GEMM instead of two and their sum): both plain or both FP8 projections without bias or
-        hooks (a LoRA wrapper or a hooked module runs on its own). FP8 needs the width to be a
-        multiple of 128, so that the 128x128 weight blocks, and with them the numbers, stay those
-        of the separate GEMMs. None: run them apart."""
-        g, u = self.gate_proj, self.up_proj
-        kind = type(g)
-        if kind is not type(u) or kind not in (nn.Linear, FP8Linear) or g.bias is not None or u.bias is not None:
+        return packed_weight(self.gate_proj, self.up_proj)
+
+
+def packed_weight(*linears: nn.Module) -> torch.Tensor | None:
+    """The weights of projections that read the same input, stacked [W_1; W_2; ...], when they
+    can run as one GEMM (the input read once; in backward one input-gradient GEMM instead of one
+    per projection and their sum): all plain or all FP8 projections, without bias or hooks (a
+    LoRA wrapper or a hooked module runs on its own). FP8 needs every projection but the last to
+    end on a 128-row boundary, so that the 128x128 weight blocks, and with them the numbers, stay
+    those of the separate GEMMs. None: run them apart."""
+    kind = type(linears[0])
+    if kind not in (nn.Linear, FP8Linear):
+        return None
+    for m in linears:
+        if type(m) is not kind or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
             return None
-        if g._forward_hooks or g._forward_pre_hooks or u._forward_hooks or u._forward_pre_hooks:
-            return None
-        if kind is FP8Linear and g.out_features % 128:
-            return None
-        return torch.cat([g.weight, u.weight])
+    if kind is FP8Linear and any(m.out_features % 128 for m in linears[:-1]):
+        return None
+    return torch.cat([m.weight for m in linears])
+
+
+def packed_linear(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
+    """x through the projections as one GEMM, outputs side by side along the last dim (split
+    them with their out_features); None when `packed_weight` says they must run apart."""
+    weight = packed_weight(*linears)
+    if weight is None:
+        return None
+    return fp8_linear(x, weight) if type(linears[0]) is FP8Linear else F.linear(x, weight)
