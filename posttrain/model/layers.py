@@ -61,9 +61,19 @@ def packed_weight(*linears: nn.Module) -> torch.Tensor | None:
     return torch.cat([m.weight for m in linears])
 
 
+# Pack on the GPU only, where it saves time. On CPU the projections run apart, which keeps the
+# CPU numbers (and the CPU training runs the tests make) exactly those of separate GEMMs;
+# summing in another order shifts a long CPU run's trajectory. Tests set this to cover the
+# packed path on CPU.
+PACK_ON_CPU = False
+
+
 def packed_linear(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
     """x through the projections as one GEMM, outputs side by side along the last dim (split
-    them with their out_features); None when `packed_weight` says they must run apart."""
+    them with their out_features); None when they must run apart (`packed_weight`, or x on the
+    CPU unless PACK_ON_CPU)."""
+    if not (x.is_cuda or PACK_ON_CPU):
+        return None
     weight = packed_weight(*linears)
     if weight is None:
         return None
