@@ -214,6 +214,18 @@ def parts_section(variant: str, cprofile_rows: int):
     cuda = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     print(f"  GPU work items in one step: {sum(e.count for e in cuda)}, {kernel_time_us(prof) / 1e3:.1f} ms of GPU time")
     if cprofile_rows:
+        import time
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.zero_grad(set_to_none=True)
+        loss = m.compute(ids, labels=labels, with_mtp=False).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        print(f"  CPU time to queue: forward {1e3 * (t1 - t0):.1f} ms, backward {1e3 * (t2 - t1):.1f} ms; "
+              f"GPU done {1e3 * (t3 - t2):.1f} ms after")
         step()
         torch.cuda.synchronize()
         pr = cProfile.Profile()
