@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant import _use_triton, build, require_triton
+from .quant import _use_triton, jit_kernels, require_triton
 
 tl = None  # bound by _kernels(); the kernel bodies look it up as a module global
 _KERNELS = None
@@ -76,12 +76,10 @@ def _ce_bwd_kernel(logits_ptr, labels_ptr, lse_ptr, scale_ptr, dlogits_ptr, V, s
 
 
 def _kernels():
-    """jit the kernels on first use, after quant.build() has imported Triton (see quant.py)."""
-    global _KERNELS, tl
+    """jit the kernels on first use (quant.jit_kernels: Triton is imported only then)."""
+    global _KERNELS
     if _KERNELS is None:
-        built = build()
-        tl = built.tl
-        _KERNELS = built.triton.jit(_ce_fwd_kernel), built.triton.jit(_ce_bwd_kernel)
+        _KERNELS = jit_kernels(globals(), (), ("_ce_fwd_kernel", "_ce_bwd_kernel"))
     return _KERNELS
 
 

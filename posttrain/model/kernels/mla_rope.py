@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..rope import apply_rope
-from .quant import _use_triton, build, require_triton
+from .quant import _use_triton, jit_kernels, require_triton
 
 tl = None  # bound by _kernels(); the kernel bodies look it up as a module global
 _KERNELS = None
@@ -115,13 +115,10 @@ def _bwd_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqi_ptr, dkv_ptr, dpe_
 
 
 def _kernels():
-    """jit the kernels on first use, after quant.build() has imported Triton (see quant.py)."""
-    global _KERNELS, tl, _rotate
+    """jit the kernels on first use (quant.jit_kernels: Triton is imported only then)."""
+    global _KERNELS
     if _KERNELS is None:
-        built = build()
-        tl = built.tl
-        _rotate = built.triton.jit(_rotate)
-        _KERNELS = built.triton.jit(_fwd_kernel), built.triton.jit(_bwd_kernel)
+        _KERNELS = jit_kernels(globals(), ("_rotate",), ("_fwd_kernel", "_bwd_kernel"))
     return _KERNELS
 
 

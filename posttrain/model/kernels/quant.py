@@ -399,6 +399,17 @@ concatenation is made and quantised as one). q_t equals
 
 # ----------------------------------------------------------------------------- building
 
+def jit_kernels(namespace: dict, helpers: tuple[str, ...], kernels: tuple[str, ...]) -> tuple:
+    """For a kernel module whose bodies are plain functions until first use: build() (import
+    Triton), bind the module's `tl`, jit its device helpers in place (the kernel bodies call
+    them as module globals) and return its jitted kernels, in the order named."""
+    built = build()
+    namespace["tl"] = built.tl
+    for name in helpers:
+        namespace[name] = built.triton.jit(namespace[name])
+    return tuple(built.triton.jit(namespace[name]) for name in kernels)
+
+
 def build() -> Built:
     """Import Triton and wrap the kernels (once per process). Raises RuntimeError without Triton.
 

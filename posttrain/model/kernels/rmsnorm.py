@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import _use_triton, build, require_triton
+from .quant import _use_triton, jit_kernels, require_triton
 from .reference import cdiv
 
 tl = None  # bound by _kernels(); the kernel bodies look it up as a module global
@@ -80,13 +80,10 @@ def _rmsnorm_bwd_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, 
 
 
 def _kernels():
-    """jit the kernels on first use, after quant.build() has imported Triton (see quant.py)."""
-    global _KERNELS, tl, _rows
+    """jit the kernels on first use (quant.jit_kernels: Triton is imported only then)."""
+    global _KERNELS
     if _KERNELS is None:
-        built = build()
-        tl = built.tl
-        _rows = built.triton.jit(_rows)
-        _KERNELS = built.triton.jit(_rmsnorm_fwd_kernel), built.triton.jit(_rmsnorm_bwd_kernel)
+        _KERNELS = jit_kernels(globals(), ("_rows",), ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel"))
     return _KERNELS
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import _use_triton, build, require_triton
+from .quant import _use_triton, jit_kernels, require_triton
 from .reference import cdiv
 
 tl = None  # bound by _kernels(); the kernel bodies look it up as a module global
@@ -87,13 +87,10 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, dh_ptr, dg_ptr, du_ptr, M, I,
 
 
 def _kernels():
-    """jit the kernels on first use, after quant.build() has imported Triton (see quant.py)."""
-    global _KERNELS, tl, _tile, _load_f32
+    """jit the kernels on first use (quant.jit_kernels: Triton is imported only then)."""
+    global _KERNELS
     if _KERNELS is None:
-        built = build()
-        tl = built.tl
-        _tile, _load_f32 = built.triton.jit(_tile), built.triton.jit(_load_f32)
-        _KERNELS = built.triton.jit(_swiglu_fwd_kernel), built.triton.jit(_swiglu_bwd_kernel)
+        _KERNELS = jit_kernels(globals(), ("_tile", "_load_f32"), ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"))
     return _KERNELS
 
 
