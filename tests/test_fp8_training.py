@@ -109,7 +109,7 @@ def test_mlp_runs_gate_and_up_as_one_gemm_with_the_same_numbers(fp8, monkeypatch
     staying the same; the input gradient to summation order); a hooked
     or LoRA-wrapped projection is left to run on its own."""
     from posttrain.model import layers
-    from posttrain.model.layers import MLP
+    from posttrain.model.layers import MLP, packed_weight
     monkeypatch.setattr(layers, "PACK_ON_CPU", True)  # the GPU's path, here on CPU tensors
     torch.manual_seed(0)
     mlp = MLP(256, 256)
@@ -124,7 +124,7 @@ def test_mlp_runs_gate_and_up_as_one_gemm_with_the_same_numbers(fp8, monkeypatch
         mlp.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
         if pack:
-            assert mlp._packed_weight() is not None
+            assert packed_weight(mlp.gate_proj, mlp.up_proj) is not None
             y = mlp(xi)
         else:
             y = mlp.down_proj(S_swiglu(mlp.gate_proj(xi), mlp.up_proj(xi)))
@@ -139,13 +139,13 @@ def test_mlp_runs_gate_and_up_as_one_gemm_with_the_same_numbers(fp8, monkeypatch
         else:  # the input gradient sums over 2I in one GEMM instead of two GEMMs and an add
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     handle = mlp.up_proj.register_forward_hook(lambda *a: None)
-    assert mlp._packed_weight() is None
+    assert packed_weight(mlp.gate_proj, mlp.up_proj) is None
     handle.remove()
     if fp8:
         narrow = MLP(256, 192)
         for m in (narrow.gate_proj, narrow.up_proj):
             m.__class__ = FP8Linear
-        assert narrow._packed_weight() is None  # 192 rows: a weight block would mix gate and up
+        assert packed_weight(narrow.gate_proj, narrow.up_proj) is None  # 192 rows: a weight block would mix gate and up
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 16])

@@ -39,9 +39,6 @@ class MLP(nn.Module):
             return self.down_proj(swiglu_packed(gate_up))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
-    def _packed_weight(self) -> torch.Tensor | None:
-        return packed_weight(self.gate_proj, self.up_proj)
-
 
 def packed_weight(*linears: nn.Module) -> torch.Tensor | None:
     """The weights of projections that read the same input, stacked [W_1; W_2; ...], when they

@@ -17,6 +17,7 @@ so a resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -352,7 +353,7 @@ class Trainer:
                 model.set_requires_gradient_sync(last)
                 (loss / n_micro).backward()
             else:
-                with acc.no_sync(model) if not last else _null():
+                with acc.no_sync(model) if not last else contextlib.nullcontext():
                     acc.backward(loss / n_micro)
             for key, v in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(v) / n_micro
@@ -468,14 +469,6 @@ def _distribute_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -
                       if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v)
                   for k, v in st.items()}
     return {**saved, "state": out}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def lm_loss(mtp_weight: float) -> LossFn:

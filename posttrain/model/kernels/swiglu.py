@@ -174,7 +174,7 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.shape[-1] != 2 * i:
         raise ValueError(f"swiglu_packed wants an even last dim [.., 2I], got {tuple(gate_up.shape)}")
     if not _use_triton(gate_up):
-        return torch.nn.functional.silu(gate_up[..., :i]) * gate_up[..., i:]
+        return swiglu(gate_up[..., :i], gate_up[..., i:])
     lead = gate_up.shape[:-1]
     h = _PackedSwiGLUFn.apply(gate_up.reshape(-1, 2 * i))
     return h.view(*lead, i)
