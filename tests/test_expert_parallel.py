@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, ep: int, port: int, ckpt_in: str, ckpt_out: s
         model = load_checkpoint(ckpt_in, dtype=torch.float32)[0].train()
         parallelize(model, build_meshes(ep=ep, device_type="cpu"), activation_checkpointing=True)
         # E/ep experts here, FSDP-sharded over the world/ep ranks that hold the same ones
-        assert model.layers[1].mlp.experts.gate_proj.to_local().shape[0] == 8 // ep // (world // ep)
+        assert model.layers[1].mlp.experts.gate_up_proj.to_local().shape[0] == 8 // ep // (world // ep)
         rows = B // world
         ids = _batch()[rows * rank: rows * (rank + 1)]
         res = model.compute(ids, labels=ids)
@@ -128,7 +128,7 @@ def test_ep_equals_one_process_and_checkpoints_cross_layouts(tmp_path, world, ep
         assert name in grads, name
         assert rel(grads[name], p.grad) < 1e-5, name
         assert all(torch.equal(grads[name], out[r]["grads"][name]) for r in range(world)), name
-    assert grads["layers.1.mlp.experts.gate_proj"][6].abs().max() == 0  # the expert without tokens
+    assert grads["layers.1.mlp.experts.gate_up_proj"][6].abs().max() == 0  # the expert without tokens
 
     # EP=2 -> EP=1: the checkpoint written after the step reproduces the EP=2 model's logits
     loaded = load_checkpoint(tmp_path / "ep2", dtype=torch.float32)[0].eval()

@@ -66,7 +66,10 @@ def test_fp8_checkpoint_loads_to_exact_dequantised_reference(tmp_path):
             if ".mlp.experts." in name:
                 layer, e, proj = name.split(".")[2], int(name.split(".")[5]), name.split(".")[6]
                 prefix = f"layers.{layer}" if int(layer) < args.num_hidden_layers else f"mtp.{int(layer) - args.num_hidden_layers}"
-                got = loaded_sd[f"{prefix}.mlp.experts.{proj}"][e]
+                if proj == "down_proj":
+                    got = loaded_sd[f"{prefix}.mlp.experts.down_proj"][e]
+                else:  # [gate; up] rows of the expert's slice
+                    got = loaded_sd[f"{prefix}.mlp.experts.gate_up_proj"][e].chunk(2)[proj == "up_proj"]
             else:
                 layer, rest = int(name.split(".")[2]), name.split(".", 3)[3]
                 prefix = f"layers.{layer}" if layer < args.num_hidden_layers else f"mtp.{layer - args.num_hidden_layers}"

@@ -111,6 +111,12 @@ def _run(fn, x, ws, dy, offsets):
     return [y.detach(), x.grad, *(w.grad for w in ws)]
 
 
+def _fused(x, w_gate, w_up, w_down, offsets):
+    """The experts' stacked [gate; up] parameter built from the two halves (cat's backward
+    splits dW_gate_up into the halves' gradients)."""
+    return fp8_swiglu_experts(x, torch.cat([w_gate, w_up], dim=1), w_down, offsets)
+
+
 def _unfused(x, w_gate, w_up, w_down, offsets):
     gate = fp8_grouped_linear(x, w_gate, offsets)
     up = fp8_grouped_linear(x, w_up, offsets)
@@ -128,7 +134,7 @@ def _float64(x, w_gate, w_up, w_down, offsets):
 
 def test_fused_experts_equal_the_unfused_fp8_composition():
     x, ws, dy, offsets = _problem(inter=128, seed=2)
-    fused = _run(fp8_swiglu_experts, x, ws, dy, offsets)
+    fused = _run(_fused, x, ws, dy, offsets)
     unfused = _run(_unfused, x, ws, dy, offsets)
     for name, a, b in zip(["y", "dx", "dW_gate", "dW_up", "dW_down"], fused, unfused):
         assert rel(a, b) < 1e-5, name
@@ -138,7 +144,7 @@ def test_fused_experts_equal_the_unfused_fp8_composition():
 @pytest.mark.parametrize("inter", [128, 96])
 def test_fused_experts_within_fp8_tolerance_of_float64(inter):
     x, ws, dy, offsets = _problem(inter=inter, seed=3)
-    got = _run(fp8_swiglu_experts, x, ws, dy, offsets)
+    got = _run(_fused, x, ws, dy, offsets)
     want = _run(_float64, x.double(), [w.double() for w in ws], dy.double(), offsets)
     for name, a, b in zip(["y", "dx", "dW_gate", "dW_up", "dW_down"], got, want):
         if name == "dW_gate" or name == "dW_up":  # the empty expert's gradient is exactly 0
@@ -149,7 +155,7 @@ def test_fused_experts_within_fp8_tolerance_of_float64(inter):
 def test_frozen_weights_get_no_gradient_and_skip_their_gemms():
     x, ws, dy, offsets = _problem(inter=128, seed=4)
     x = x.clone().requires_grad_(True)
-    y = fp8_swiglu_experts(x, *ws, offsets)  # weights do not require grad (e.g. LoRA's base)
+    y = _fused(x, *ws, offsets)  # weights do not require grad (e.g. LoRA's base)
     y.backward(dy)
     assert x.grad is not None and all(w.grad is None for w in ws)
 

@@ -65,7 +65,7 @@ def test_fp8_moe_layer_gradients_match_float64_within_fp8_tolerance():
     (ref(x64) * up.double()).sum().backward()
     # same routing (the router stays in high precision), so everything is comparable
     assert 5e-3 < rel(x32.grad, x64.grad) < 0.08
-    for name in ("gate_proj", "up_proj", "down_proj"):
+    for name in ("gate_up_proj", "down_proj"):
         got, want = getattr(moe.experts, name).grad, getattr(ref.experts, name).grad
         assert 5e-3 < rel(got, want) < 0.08, name
     assert rel(moe.gate.weight.grad, ref.gate.weight.grad) < 0.08
@@ -88,7 +88,7 @@ def test_enable_fp8_training_switches_projections_but_keeps_heads_and_names():
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
                and p.grad is not None)
-    assert model.layers[1].mlp.experts.gate_proj.grad.abs().sum() > 0
+    assert model.layers[1].mlp.experts.gate_up_proj.grad.abs().sum() > 0
 
 
 def test_train_config_fp8_switches_the_trained_model(tmp_path):

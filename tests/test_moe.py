@@ -92,7 +92,8 @@ def test_moe_layer_equals_dense_per_token_computation():
     for n in range(flat.shape[0]):
         for k in range(idx.shape[1]):
             e = idx[n, k]
-            h = torch.nn.functional.silu(flat[n] @ moe.experts.gate_proj[e].T) * (flat[n] @ moe.experts.up_proj[e].T)
+            w_gate, w_up = moe.experts.gate_up_proj[e].chunk(2)  # [gate; up] rows per expert
+            h = torch.nn.functional.silu(flat[n] @ w_gate.T) * (flat[n] @ w_up.T)
             ref[n] += w[n, k] * (h @ moe.experts.down_proj[e].T)
     ref = ref + moe.shared_experts(flat)
     assert torch.allclose(y.reshape(-1, args.hidden_size), ref, atol=1e-5)
@@ -194,7 +195,24 @@ def test_balance_loss_reaches_router_weights_only_through_affinities():
     out.balance_loss.backward()
     router = model.layers[-1].mlp.gate.weight
     assert router.grad is not None and router.grad.abs().sum() > 0
-    assert model.layers[-1].mlp.experts.gate_proj.grad is None  # selection counts carry no gradient
+    assert model.layers[-1].mlp.experts.gate_up_proj.grad is None  # selection counts carry no gradient
+
+
+def test_balance_loss_is_taken_so_no_module_keeps_the_last_graph():
+    """A loss left on a module would hold its forward's autograd graph into the next step."""
+    args = small_args()
+    model = randomize_(Transformer(args), seed=7).train()
+    ids = torch.randint(0, args.vocab_size, (2, 12))
+    model.trunk(ids)
+    trunk_moe = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+    assert trunk_moe and all(m.balance_loss is not None for m in trunk_moe)
+    taken = model.balance_loss()
+    assert taken is not None and taken.grad_fn is not None
+    assert all(m.balance_loss is None for m in model.moe_layers())
+    assert model.balance_loss() is None  # nothing left to take until the next forward
+    out = model.compute(ids[:, :-1], labels=ids[:, 1:])
+    assert out.balance_loss is not None
+    assert all(m.balance_loss is None for m in model.modules() if isinstance(m, MoE))
 
 
 def test_moe_backward_is_bitwise_reproducible_with_several_threads():
@@ -224,3 +242,31 @@ def test_moe_backward_is_bitwise_reproducible_with_several_threads():
             assert torch.equal(g, grads[0])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_packed_gate_up_grouped_gemm_equals_the_two_separate_gemms(monkeypatch):
+    """The GPU path runs gate and up as one grouped GEMM over [E, 2I, D] and the packed SwiGLU;
+    the CPU path runs two GEMMs on the halves. Same outputs and gradients (float32)."""
+    from posttrain.model import layers
+    from posttrain.model.moe import GroupedExperts
+    g = torch.Generator().manual_seed(12)
+    experts = GroupedExperts(4, 24, 20)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    x = torch.randn(30, 24, generator=g)
+    offsets = torch.tensor([7, 7, 19, 30], dtype=torch.int32)  # expert 1 gets no rows
+    dy = torch.randn(30, 24, generator=g)
+
+    def run(packed):
+        monkeypatch.setattr(layers, "PACK_ON_CPU", packed)
+        experts.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = experts(xi, offsets)
+        y.backward(dy)
+        return y.detach(), xi.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()
+
+    apart, packed = run(False), run(True)
+    for name, a, b in zip(["y", "dx", "dW_gate_up", "dW_down"], apart, packed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert packed[2][1].abs().max() == 0 and packed[2][0].abs().max() > 0  # the expert without rows

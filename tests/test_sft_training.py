@@ -89,7 +89,7 @@ def test_lora_changes_only_adapters_and_the_merged_checkpoint_loads_in_transform
     assert torch.equal(merged.embed_tokens.weight, base.embed_tokens.weight)
     assert torch.equal(merged.norm.weight, base.norm.weight)
     assert not torch.equal(merged.layers[0].self_attn.o_proj.weight, base.layers[0].self_attn.o_proj.weight)
-    assert not torch.equal(merged.layers[1].mlp.experts.gate_proj, base.layers[1].mlp.experts.gate_proj)
+    assert not torch.equal(merged.layers[1].mlp.experts.gate_up_proj, base.layers[1].mlp.experts.gate_up_proj)
     hf = DeepseekV3ForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     ids = torch.randint(0, 640, (2, 40))
     with torch.no_grad():

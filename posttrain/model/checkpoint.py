@@ -6,9 +6,10 @@ On disk (HF DeepSeek-V3 names):
     model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight       one tensor per expert
     model.layers.{L + d}.*                                            MTP depth d (L = num_hidden_layers)
     *.weight_scale_inv                                                FP8 e4m3 block scales
-In memory the routed experts are stacked ([E, ...]) and names drop the `model.` prefix; MTP
-modules are `mtp.{d}.*`. transformers 5's fused `mlp.experts.gate_up_proj` / `down_proj` are
-read too.
+In memory the routed experts are stacked as transformers 5 keeps them (`mlp.experts.gate_up_proj`
+[E, 2I, D]: each expert's gate rows then its up rows; `mlp.experts.down_proj` [E, D, I]) and
+names drop the `model.` prefix; MTP modules are `mtp.{d}.*`. Files with transformers 5's fused
+names are read too.
 
 Saving writes into a temporary directory next to the target and renames it into place, so a
 crash never leaves a half-written checkpoint under the real name.
@@ -33,11 +34,13 @@ from .args import ConfigError, ModelArgs
 from .fp8 import QUANTIZATION_CONFIG, weight_dequant, weight_quant
 from .rope import RotaryEmbedding
 from .mtp import MTPModule
-from .transformer import Transformer
+from .transformer import Transformer, init_parameter_
 
 _EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
-_STACKED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+_STACKED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+# A per-expert tensor's place in the stacked parameters: (parameter, which half of the rows).
+_STACKED_PART = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
 _LAYER = re.compile(r"^model\.layers\.(?P<i>\d+)\.(?P<rest>.+)$")
 # MTP layers repeat the shared embedding and head; they are written, and skipped on load.
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -162,31 +165,29 @@ def load_checkpoint(
         m = _EXPERT.match(name)
         fused = _FUSED.match(name)
         if m:
-            key = f"{m['prefix']}.{m['proj']}"
+            param, half = _STACKED_PART[m["proj"]]
+            key = f"{m['prefix']}.{param}"
             if key not in expected:
                 unexpected.append(hf_name)
                 continue
             buf = stacked.setdefault(key, torch.empty(expected[key].shape, dtype=dtype))
             e = int(m["e"])
-            if e >= buf.shape[0] or tuple(t.shape) != tuple(buf.shape[1:]):
+            rows = buf.shape[1] // 2 if half is not None else buf.shape[1]  # gate_up: [gate; up] per expert
+            if e >= buf.shape[0] or tuple(t.shape) != (rows, *buf.shape[2:]):
                 raise CheckpointError(f"{hf_name}: shape {tuple(t.shape)} / expert {e} does not fit {tuple(buf.shape)}")
-            buf[e] = t
-            filled[key].add(e)
+            start = (half or 0) * rows
+            buf[e, start:start + rows] = t
+            filled[key].add((e, m["proj"]))
             continue
         if fused:
-            prefix = fused["prefix"]
-            if fused["proj"] == "gate_up_proj":
-                gate, up = t.chunk(2, dim=1)
-                pairs = [(f"{prefix}.gate_proj", gate), (f"{prefix}.up_proj", up)]
-            else:
-                pairs = [(f"{prefix}.down_proj", t)]
-            for key, value in pairs:
-                if key not in expected:
-                    unexpected.append(hf_name)
-                    continue
-                _check_shape(hf_name, value, expected[key])
-                stacked[key] = value.contiguous()
-                filled[key] = set(range(value.shape[0]))
+            key = f"{fused['prefix']}.{fused['proj']}"
+            if key not in expected:
+                unexpected.append(hf_name)
+                continue
+            _check_shape(hf_name, t, expected[key])
+            stacked[key] = t.contiguous()
+            projs = ("gate_proj", "up_proj") if fused["proj"] == "gate_up_proj" else ("down_proj",)
+            filled[key] = {(e, p) for e in range(t.shape[0]) for p in projs}
             continue
         if name not in expected:
             unexpected.append(hf_name)
@@ -197,7 +198,8 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: tensors this config has no place for: {unexpected[:10]}"
                               + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
     for key, buf in stacked.items():
-        missing_experts = sorted(set(range(buf.shape[0])) - filled[key])
+        projs = ("gate_proj", "up_proj") if key.endswith(".gate_up_proj") else ("down_proj",)
+        missing_experts = sorted({e for e in range(buf.shape[0]) for p in projs if (e, p) not in filled[key]})
         if missing_experts:
             raise CheckpointError(f"{key}: experts {missing_experts[:8]} missing from the checkpoint")
         state[key] = buf
@@ -240,8 +242,8 @@ def _check_shape(hf_name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
 @torch.no_grad()
 def _init_fresh(module: torch.nn.Module, args: ModelArgs) -> None:
     """The same init as Transformer.init_weights, for a module built on its own."""
-    for p in module.parameters():
-        p.normal_(0.0, args.initializer_range) if p.dim() >= 2 else p.fill_(1.0)
+    for name, p in module.named_parameters():
+        init_parameter_(name, p, args.initializer_range)
 
 
 def _reset_buffers(model: Transformer, args: ModelArgs, device) -> None:
@@ -268,7 +270,12 @@ def hf_state_dict(model: Transformer, args: ModelArgs,
         m = _STACKED.match(name)
         if m:
             for e in range(t.shape[0]):
-                yield internal_to_hf(f"{m['prefix']}.{e}.{m['proj']}.weight", L), t[e]
+                if m["proj"] == "gate_up_proj":
+                    gate, up = t[e].chunk(2, dim=0)
+                    yield internal_to_hf(f"{m['prefix']}.{e}.gate_proj.weight", L), gate
+                    yield internal_to_hf(f"{m['prefix']}.{e}.up_proj.weight", L), up
+                else:
+                    yield internal_to_hf(f"{m['prefix']}.{e}.down_proj.weight", L), t[e]
             continue
         yield internal_to_hf(name, L), t
     head = sd["embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"]

@@ -13,9 +13,9 @@ Load balancing, both from the report:
     * the complementary sequence-wise balance loss alpha * sum_e f_e P_e per sequence
       (`MoE.balance_loss`, computed in training when alpha > 0).
 
-Routed experts are stored stacked, gate/up [E, I, D] and down [E, D, I] (each expert's slice
-in nn.Linear's [out, in] layout, so per-expert checkpoint tensors map onto slices), and run as
-a grouped GEMM over tokens sorted by expert.
+Routed experts are stored stacked as transformers 5 keeps them, gate_up [E, 2I, D] and down
+[E, D, I] (each expert's gate, up and down in nn.Linear's [out, in] layout, so per-expert
+checkpoint tensors map onto slices), and run as grouped GEMMs over tokens sorted by expert.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from torch import nn
 from .args import ModelArgs
 from .dispatch import combine_tokens, dispatch_tokens, sorted_positions
 from .grouped_mm import grouped_mm
-from .kernels.swiglu import swiglu
+from .kernels.router_gemm import mm_f32
+from . import layers
+from .kernels.swiglu import swiglu, swiglu_packed
 from .layers import MLP
 from .recompute import recomputing
 
@@ -63,6 +65,43 @@ def route(
     return weights_NK * routed_scaling_factor, idx_NK
 
 
+class _RouterLogits(torch.autograd.Function):
+    """x W^T in float32 from bf16 x and W, with the reference's float32 sums but on tensor cores.
+
+    The reference is F.linear(x.float(), W.float()): a float32 copy of x and cuBLAS's float32
+    GEMMs, forward and backward (about 0.45 ms of one MoE layer at 16,384 tokens on an H100).
+    Here (kernels/router_gemm.py): the logits are a bf16 GEMM summed and written in float32 (bf16
+    products are exact in float32). Backward, the float32 logits gradient d is split into bf16
+    hi + lo; dx = [hi | lo] @ [W; W] sums in float32 and rounds once to x's dtype, as the
+    reference's cast of its float32 dx does; dW = hi^T x + lo^T x in float32, rounded once."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_ED):
+        ctx.save_for_backward(x_ND, w_ED)
+        return mm_f32(x_ND, w_ED.t())
+
+    @staticmethod
+    def backward(ctx, d_NE):
+        x_ND, w_ED = ctx.saved_tensors
+        E = w_ED.shape[0]
+        hi = d_NE.to(x_ND.dtype)
+        d2_N2E = torch.cat([hi, (d_NE - hi.float()).to(x_ND.dtype)], dim=1)
+        dx = torch.mm(d2_N2E, torch.cat([w_ED, w_ED], dim=0)) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw2 = mm_f32(d2_N2E.t(), x_ND)
+            dw = (dw2[:E] + dw2[E:]).to(w_ED.dtype)
+        return dx, dw
+
+
+def router_logits(x_ND: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    """Router logits [N, E] in float32, the numbers F.linear(x.float(), W.float()) gives: on
+    CUDA with bf16 x and W through `_RouterLogits`, elsewhere that very call."""
+    if x_ND.is_cuda and x_ND.dtype == w_ED.dtype == torch.bfloat16:
+        return _RouterLogits.apply(x_ND, w_ED)
+    return F.linear(x_ND.float(), w_ED.float())
+
+
 class Router(nn.Module):
     """The gate: affinity weights [E, D] and the selection bias [E] (a float32 buffer)."""
 
@@ -75,7 +114,7 @@ class Router(nn.Module):
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate weights [N, K] fp32, expert ids [N, K], affinities [N, E] fp32)."""
         a = self.args
-        scores = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        scores = router_logits(x_ND, self.weight).sigmoid()
         weights, idx = route(
             scores, self.e_score_correction_bias.float(), a.n_group, a.topk_group,
             a.num_experts_per_tok, a.norm_topk_prob, a.routed_scaling_factor,
@@ -84,13 +123,13 @@ class Router(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts whose weights live in three stacked tensors."""
+    """E SwiGLU experts whose weights live in two stacked tensors, transformers 5's layout:
+    gate_up_proj [E, 2I, D] (each expert's gate rows, then its up rows) and down_proj [E, D, I]."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts = n_experts
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
-        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         # All three GEMMs (forward and backward) in blockwise FP8; set by enable_fp8_training.
         # The FP8 weight gradient needs each expert's rows to start on a multiple of 128.
@@ -105,17 +144,24 @@ class GroupedExperts(nn.Module):
             # No rows here (possible under expert parallelism): keep the weights and the input in
             # the graph, so the weights get (zero) gradients and backward reaches the all-to-all
             # that delivered x; every rank then runs the same collectives in backward.
-            anchor = sum(w.reshape(-1)[:1].sum() for w in (self.gate_proj, self.up_proj, self.down_proj))
+            anchor = sum(w.reshape(-1)[:1].sum() for w in (self.gate_up_proj, self.down_proj))
             return x_MD.new_zeros(0, self.down_proj.shape[1]) + 0.0 * (anchor + x_MD.sum())
-        w_gate, w_up, w_down = self.gate_proj, self.up_proj, self.down_proj
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
         if self.grad_scale != 1.0:
-            w_gate, w_up, w_down = (_ScaleGrad.apply(w, self.grad_scale) for w in (w_gate, w_up, w_down))
+            w_gate_up, w_down = (_ScaleGrad.apply(w, self.grad_scale) for w in (w_gate_up, w_down))
         if self.fp8:
             from .fp8_experts import fp8_swiglu_experts
-            return fp8_swiglu_experts(x_MD, w_gate, w_up, w_down, offsets_E)
-        gate = grouped_mm(x_MD, w_gate.transpose(1, 2), offsets_E)
-        up = grouped_mm(x_MD, w_up.transpose(1, 2), offsets_E)
-        return grouped_mm(swiglu(gate, up), w_down.transpose(1, 2), offsets_E)
+            return fp8_swiglu_experts(x_MD, w_gate_up, w_down, offsets_E)
+        if x_MD.is_cuda or layers.PACK_ON_CPU:
+            # gate and up as one GEMM: x is read once, and backward needs one input-gradient GEMM
+            # (K = 2I) instead of two plus the sum of their outputs
+            h = swiglu_packed(grouped_mm(x_MD, w_gate_up.transpose(1, 2), offsets_E))
+        else:
+            # CPU: two GEMMs, so the CPU numbers stay those of separate projections (layers.py)
+            w_gate, w_up = w_gate_up.split(w_down.shape[2], dim=1)
+            h = swiglu(grouped_mm(x_MD, w_gate.transpose(1, 2), offsets_E),
+                       grouped_mm(x_MD, w_up.transpose(1, 2), offsets_E))
+        return grouped_mm(h, w_down.transpose(1, 2), offsets_E)
 
 
 class _ScaleGrad(torch.autograd.Function):

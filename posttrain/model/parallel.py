@@ -145,11 +145,11 @@ def shard_experts(model: nn.Module, ep_group) -> int:
         if not isinstance(moe, MoE):
             continue
         experts = moe.experts
-        E = experts.gate_proj.shape[0]
+        E = experts.gate_up_proj.shape[0]
         if E % ep:
             raise ValueError(f"{E} routed experts cannot be split evenly over expert_parallel={ep}")
         lo, hi = rank * (E // ep), (rank + 1) * (E // ep)
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
         experts.n_experts = hi - lo
@@ -205,7 +205,7 @@ def parallelize(model: nn.Module, meshes: Meshes, mixed_precision: str = "no",
 def _is_ep_expert(model: nn.Module, name: str) -> bool:
     from .moe import MoE
 
-    parent = name.rsplit(".", 2)[0]  # "layers.3.mlp.experts.gate_proj" -> "layers.3.mlp"
+    parent = name.rsplit(".", 2)[0]  # "layers.3.mlp.experts.gate_up_proj" -> "layers.3.mlp"
     try:
         moe = model.get_submodule(parent)
     except AttributeError:

@@ -52,6 +52,20 @@ class Block(nn.Module):
         return x + (self.mlp(h, segment_ids) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
+@torch.no_grad()
+def init_parameter_(name: str, p: torch.Tensor, std: float, generator: torch.Generator | None = None) -> None:
+    """Normal(0, std) for matrices and embeddings, ones for the 1-D (RMSNorm) weights. The routed
+    experts' stacked [gate; up] weight is drawn as two [E, I, D] tensors, gate then up: the
+    generator's stream, and so a seeded model, is that of separate gate and up parameters."""
+    if p.dim() < 2:
+        p.fill_(1.0)
+    elif name.endswith("experts.gate_up_proj"):
+        for half in p.chunk(2, dim=1):
+            half.copy_(torch.empty(half.shape, dtype=p.dtype, device=p.device).normal_(0.0, std, generator=generator))
+    else:
+        p.normal_(0.0, std, generator=generator)
+
+
 @dataclass
 class ModelOutput:
     """What `Transformer.compute` returns. Losses are means over non-ignored targets."""
@@ -98,10 +112,7 @@ class Transformer(nn.Module):
         """Normal(0, initializer_range) for matrices and embeddings, ones for norms, zero bias."""
         std = self.args.initializer_range
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std, generator=generator)
-            else:
-                p.fill_(1.0)  # every 1-D parameter is an RMSNorm weight
+            init_parameter_(name, p, std, generator)
         for m in self.modules():
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.zero_()
@@ -172,8 +183,16 @@ class Transformer(nn.Module):
 
     def balance_loss(self) -> torch.Tensor | None:
         """alpha * the MoE layers' sequence-wise balance losses from the last training forward
-        (any head: LM, scalar); None in eval mode or when alpha = 0."""
+        (any head: LM, scalar); None in eval mode or when alpha = 0.
+
+        The losses are taken, not read: every MoE module (trunk and MTP) drops its reference.
+        A loss kept on a module holds the autograd graph of its forward, including the router
+        weight's gradient accumulator, into the next step; a CUDA graph captured after an eager
+        warm-up then meets an accumulator bound to the warm-up's stream and the capture fails."""
         losses = [l.mlp.balance_loss for l in self.layers if isinstance(l.mlp, MoE) and l.mlp.balance_loss is not None]
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.balance_loss = None
         if not (self.training and losses):
             return None
         return self.args.aux_loss_alpha * torch.stack(losses).sum()

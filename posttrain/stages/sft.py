@@ -23,7 +23,7 @@ from posttrain.train.loop import Trainer, lm_loss, process_state
 
 LORA_MODULES = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                 "gate_proj", "up_proj", "down_proj"]  # attention, dense and shared-expert FFNs
-LORA_EXPERT_PARAMS = ["experts.gate_proj", "experts.up_proj", "experts.down_proj"]  # stacked routed experts
+LORA_EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]  # stacked routed experts
 
 
 @dataclass
