@@ -116,9 +116,9 @@ def moe_section(quick):
         mapped = {}
         for k in hf_sd:
             if k.startswith("experts."):
-                # transformers 5 stores experts fused: gate_up_proj [E, 2I, D], down_proj [E, D, I]
+                # transformers 5 stores experts as we do: gate_up_proj [E, 2I, D], down_proj [E, D, I]
                 if "gate_up_proj" in k:
-                    mapped[k] = torch.cat([ours.experts.gate_proj, ours.experts.up_proj], 1).detach()
+                    mapped[k] = ours.experts.gate_up_proj.detach()
                 elif "down_proj" in k:
                     mapped[k] = ours.experts.down_proj.detach()
             elif k in sd:

@@ -1,6 +1,6 @@
 """Where the bf16 / FP8 training step of bench_fp8_model.py spends its time, part by part.
 
-    python benchmarks/breakdown_step.py [--sections fused,sdpa,parts] [--variants bf16,fp8] [--cprofile 25]
+    python benchmarks/breakdown_step.py [--sections fused,sdpa,router,parts] [--variants bf16,fp8] [--cprofile 25]
 
 Times, forward + backward each (do_bench median, gradients set to None before every call as a
 training step starts), on the step's shape (4 x 2048 tokens, hidden 2048):
@@ -151,6 +151,72 @@ def fused_section():
     torch.cuda.empty_cache()
 
 
+def router_section(N=8192, D=2048, E=64):
+    """The router's logits x W^T (fwd + bwd) three ways, each against float64: float32 GEMMs on
+    x.float() (the reference's math), ours (`moe.router_logits`: a Triton bf16 GEMM summing and
+    writing float32, backward on the gradient split into bf16 hi + lo), and bf16 GEMMs both ways
+    (the logits' gradient rounded to bf16). Isolated, these few-microsecond kernels time their
+    launches; the GPU time inside a step is in profile_step.py --by-op. Then the whole routing
+    of one MoE layer (router, load count, sort, balance loss) fwd + bwd."""
+    from posttrain.model.moe import Router, expert_counts, router_logits, sequence_balance_loss
+    from posttrain.model.dispatch import sorted_positions
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(N, D, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(E, D, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    dy = torch.randn(N, E, device="cuda", generator=g)
+
+    class Bf16Both(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return torch.mm(a, b.t(), out_dtype=torch.float32)
+
+        @staticmethod
+        def backward(ctx, d):
+            a, b = ctx.saved_tensors
+            d16 = d.to(a.dtype)
+            return torch.mm(d16, b), torch.mm(d16.t(), a, out_dtype=torch.float32).to(b.dtype)
+
+    def run(fn, xx, ww, dd):
+        xi, wi = xx.detach().requires_grad_(True), ww.detach().requires_grad_(True)
+        out = fn(xi, wi)
+        out.backward(dd)
+        return out, xi.grad, wi.grad
+
+    truth = run(lambda a, b: a @ b.t(), x.double(), w.double(), dy.double())
+    variants = {
+        "float32 GEMMs (x.float())": lambda a, b: F.linear(a.float(), b.float()),
+        "ours (Triton fp32-out, hi/lo bwd)": router_logits,
+        "bf16 GEMMs both ways": Bf16Both.apply,
+    }
+    print(f"\n### router logits [{N}, {D}] x [{E}, {D}]^T, fwd + bwd (relative error vs float64: logits / dx / dW)")
+    for name, fn in variants.items():
+        try:
+            got = run(fn, x, w, dy)
+        except Exception as e:  # an op this torch lacks
+            print(f"  {name:30s} unavailable: {str(e).splitlines()[0][:100]}")
+            continue
+        errs = " / ".join(f"{float((a.double() - b).norm() / b.norm()):.1e}" for a, b in zip(got, truth))
+        print(f"  {name:30s} {bench_ms(lambda: run(fn, x, w, dy), 50, 300):6.3f} ms   err {errs}")
+    args = our_args(hf_config(False))
+    router = Router(args).cuda().to(torch.bfloat16)
+    router.e_score_correction_bias.data = router.e_score_correction_bias.float()
+    with torch.no_grad():
+        router.weight.copy_(w)
+    seq = torch.arange(4, device="cuda").repeat_interleave(N // 4)
+
+    def routing():
+        router.weight.grad = None
+        xi = x.detach().requires_grad_(True)
+        weights, idx, scores = router(xi)
+        expert_counts(idx, E)
+        sorted_positions(idx)
+        loss = sequence_balance_loss(scores, idx, seq, E, 4)
+        torch.autograd.backward([weights, loss], [dy[:, :weights.shape[1]], torch.ones((), device="cuda")])
+    print(f"  whole routing of a layer (router, count, sort, balance loss) fwd + bwd: {bench_ms(routing, 50, 300):.3f} ms")
+    torch.cuda.empty_cache()
+
+
 def parts_section(variant: str, cprofile_rows: int):
     args = our_args(hf_config(False))
     B, T = 4, 2048
@@ -244,6 +310,8 @@ def main():
         fused_section()
     if "sdpa" in sections:
         sdpa_section()
+    if "router" in sections:
+        router_section()
     if "parts" not in sections:
         return
     for variant in a.variants.split(","):

@@ -1,6 +1,6 @@
 """Where the time of one MoE layer's forward + backward goes: a torch.profiler table per variant.
 
-    python benchmarks/profile_moe.py [--variants bf16,fp8] [--tokens 16384] [--rows 25]
+    python benchmarks/profile_moe.py [--variants bf16,fp8] [--tokens 16384] [--rows 25] [--by-op 30]
 
 The layer is the benchmark shape of bench_fp8_model.py (64 experts top-6, 2 shared, hidden
 2048, width 1408), bf16, random weights and inputs. Prints, per variant, the host syncs of one
@@ -45,6 +45,19 @@ def kernel_time_us(prof) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
 
 
+def kernels_by_op(prof, rows: int) -> str:
+    """The ops that launched the most GPU time, each with its input shapes (the profile must be
+    recorded with record_shapes=True): which call of an op (a cast of which tensor, an add of
+    which gradients) a kernel belongs to, which the kernel table cannot say."""
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type.name == "CPU" and e.self_device_time_total > 0]
+    ops.sort(key=lambda e: -e.self_device_time_total)
+    lines = [f"  {'op':34s} {'calls':>5s} {'GPU ms':>8s}  input shapes"]
+    for e in ops[:rows]:
+        lines.append(f"  {e.key[:34]:34s} {e.count:5d} {e.self_device_time_total / 1e3:8.3f}  {str(e.input_shapes)[:110]}")
+    return "\n".join(lines)
+
+
 def benchmark_layer(variant: str, tokens: int):
     """(layer, input, output gradient): the benchmark MoE layer in bf16 with random weights
     (FP8 GEMMs when variant == "fp8") and random [1, tokens, hidden] tensors, on the GPU."""
@@ -68,6 +81,7 @@ def main():
     p.add_argument("--variants", default="bf16,fp8")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--by-op", type=int, default=0, help="also list the N ops with the most GPU time, with shapes")
     a = p.parse_args()
     for variant in a.variants.split(","):
         moe, x, dy = benchmark_layer(variant, a.tokens)
@@ -87,7 +101,7 @@ def main():
         from triton.testing import do_bench
         wall = do_bench(step, warmup=100, rep=500, return_mode="median")
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=a.by_op > 0) as prof:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
@@ -95,6 +109,8 @@ def main():
         print(f"\n### {variant}: 3 forward+backward passes, {a.tokens} tokens; per pass: wall {wall:.2f} ms "
               f"(do_bench median), GPU kernels {kernel_us / 3e3:.2f} ms")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+        if a.by_op:
+            print(kernels_by_op(prof, a.by_op))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where the time of one training step of the V3-shaped model goes (bench_fp8_model.py's step).
 
-    python benchmarks/profile_step.py [--variants bf16,fp8] [--rows 20]
+    python benchmarks/profile_step.py [--variants bf16,fp8] [--rows 20] [--by-op 40]
 
 Per variant: host syncs in one forward + backward (each drains the GPU queue), the wall time
 of a step (do_bench median) against the GPU kernel time of one (torch.profiler): the
@@ -19,13 +19,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_fp8_model import build_ours, hf_config, our_args, synthetic_batches  # noqa: E402
-from profile_moe import host_syncs, kernel_time_us  # noqa: E402
+from profile_moe import host_syncs, kernel_time_us, kernels_by_op  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--variants", default="bf16,fp8")
     p.add_argument("--rows", type=int, default=20)
+    p.add_argument("--by-op", type=int, default=0, help="also list the N ops with the most GPU time, with shapes")
     a = p.parse_args()
     args = our_args(hf_config(False))
     ids = synthetic_batches(args.vocab_size, 4, 2048, 1)[0]
@@ -44,7 +45,7 @@ def main():
         from triton.testing import do_bench
         wall = do_bench(step, warmup=300, rep=2000, return_mode="median")
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=a.by_op > 0) as prof:
             step()
             torch.cuda.synchronize()
         avg = prof.key_averages()
@@ -53,6 +54,8 @@ def main():
         for line in syncs[:8]:
             print("   ", line)
         print(avg.table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+        if a.by_op:
+            print(kernels_by_op(prof, a.by_op))
         del m
         torch.cuda.empty_cache()
 
