@@ -41,6 +41,11 @@ _FUSED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_
 _STACKED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 # A per-expert tensor's place in the stacked parameters: (parameter, which half of the rows).
 _STACKED_PART = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+
+
+def _parts_of(stacked_name: str) -> tuple[str, ...]:
+    """The per-expert projections a stacked parameter holds ("...experts.gate_up_proj" -> gate, up)."""
+    return tuple(proj for proj, (param, _) in _STACKED_PART.items() if stacked_name.endswith("." + param))
 _LAYER = re.compile(r"^model\.layers\.(?P<i>\d+)\.(?P<rest>.+)$")
 # MTP layers repeat the shared embedding and head; they are written, and skipped on load.
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -186,8 +191,7 @@ def load_checkpoint(
                 continue
             _check_shape(hf_name, t, expected[key])
             stacked[key] = t.contiguous()
-            projs = ("gate_proj", "up_proj") if fused["proj"] == "gate_up_proj" else ("down_proj",)
-            filled[key] = {(e, p) for e in range(t.shape[0]) for p in projs}
+            filled[key] = {(e, p) for e in range(t.shape[0]) for p in _parts_of(key)}
             continue
         if name not in expected:
             unexpected.append(hf_name)
@@ -198,8 +202,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: tensors this config has no place for: {unexpected[:10]}"
                               + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
     for key, buf in stacked.items():
-        projs = ("gate_proj", "up_proj") if key.endswith(".gate_up_proj") else ("down_proj",)
-        missing_experts = sorted({e for e in range(buf.shape[0]) for p in projs if (e, p) not in filled[key]})
+        missing_experts = sorted({e for e in range(buf.shape[0]) for p in _parts_of(key) if (e, p) not in filled[key]})
         if missing_experts:
             raise CheckpointError(f"{key}: experts {missing_experts[:8]} missing from the checkpoint")
         state[key] = buf

@@ -29,9 +29,9 @@ from torch import nn
 
 from .args import ModelArgs
 from .dispatch import combine_tokens, dispatch_tokens, sorted_positions
+from . import layers
 from .grouped_mm import grouped_mm
 from .kernels.router_gemm import mm_f32
-from . import layers
 from .kernels.swiglu import swiglu, swiglu_packed
 from .layers import MLP
 from .recompute import recomputing

@@ -190,9 +190,8 @@ class Transformer(nn.Module):
         weight's gradient accumulator, into the next step; a CUDA graph captured after an eager
         warm-up then meets an accumulator bound to the warm-up's stream and the capture fails."""
         losses = [l.mlp.balance_loss for l in self.layers if isinstance(l.mlp, MoE) and l.mlp.balance_loss is not None]
-        for module in self.modules():
-            if isinstance(module, MoE):
-                module.balance_loss = None
+        for module in self.moe_layers():
+            module.balance_loss = None
         if not (self.training and losses):
             return None
         return self.args.aux_loss_alpha * torch.stack(losses).sum()
