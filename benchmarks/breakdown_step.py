@@ -156,10 +156,14 @@ def router_section(N=8192, D=2048, E=64):
     x.float() (the reference's math), ours (`moe.router_logits`: a Triton bf16 GEMM summing and
     writing float32, backward on the gradient split into bf16 hi + lo), and bf16 GEMMs both ways
     (the logits' gradient rounded to bf16). Isolated, these few-microsecond kernels time their
-    launches; the GPU time inside a step is in profile_step.py --by-op. Then the whole routing
-    of one MoE layer (router, load count, sort, balance loss) fwd + bwd."""
-    from posttrain.model.moe import Router, expert_counts, router_logits, sequence_balance_loss
+    launches; the GPU time inside a step is in profile_step.py --by-op. Then the fused route
+    kernels checked against the torch route on the GPU, and the whole routing of one MoE layer
+    (router, load count, slot layout, balance loss) fwd + bwd both ways."""
+    from posttrain.model.moe import (Router, _FusedRoute, expert_counts, route, router_logits,
+                                     sequence_balance_loss)
     from posttrain.model.dispatch import sorted_positions
+    from posttrain.model.kernels import route as route_kernels
+    from posttrain.model.kernels.route import slot_layout, slot_layout_reference
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(N, D, device="cuda", generator=g).to(torch.bfloat16)
     w = (torch.randn(E, D, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
@@ -200,20 +204,74 @@ def router_section(N=8192, D=2048, E=64):
         print(f"  {name:30s} {bench_ms(lambda: run(fn, x, w, dy), 50, 300):6.3f} ms   err {errs}")
     args = our_args(hf_config(False))
     router = Router(args).cuda().to(torch.bfloat16)
-    router.e_score_correction_bias.data = router.e_score_correction_bias.float()
+    router.e_score_correction_bias.data = (torch.randn(E, device="cuda", generator=g) * 0.01).float()
     with torch.no_grad():
         router.weight.copy_(w)
     seq = torch.arange(4, device="cuda").repeat_interleave(N // 4)
+    K = args.num_experts_per_tok
+    dw = dy[:, :K].contiguous()
 
-    def routing():
-        router.weight.grad = None
-        xi = x.detach().requires_grad_(True)
-        weights, idx, scores = router(xi)
-        expert_counts(idx, E)
-        sorted_positions(idx)
-        loss = sequence_balance_loss(scores, idx, seq, E, 4)
-        torch.autograd.backward([weights, loss], [dy[:, :weights.shape[1]], torch.ones((), device="cuda")])
-    print(f"  whole routing of a layer (router, count, sort, balance loss) fwd + bwd: {bench_ms(routing, 50, 300):.3f} ms")
+    def torch_routing(xi):
+        """The torch route, counts, argsort layout and an index_add_ balance loss (the path before
+        the fused kernels, and the CPU path now but for the loss)."""
+        logits = router_logits(xi, router.weight)
+        scores = logits.sigmoid()
+        weights, idx = route(scores, router.e_score_correction_bias, args.n_group, args.topk_group, K,
+                             args.norm_topk_prob, args.routed_scaling_factor)
+        counts = expert_counts(idx, E)
+        rows, _ = sorted_positions(idx)
+        keep = torch.ones(N, device="cuda")
+        normed = scores / scores.sum(-1, keepdim=True)
+        p = torch.zeros(4, E, device="cuda").index_add_(0, seq, normed)
+        c = torch.zeros(4 * E, device="cuda").index_add_(0, (seq[:, None] * E + idx).reshape(-1),
+                                                           keep[:, None].expand(N, K).reshape(-1))
+        loss = (c.view(4, E) * p).sum() * 1e-9
+        return weights, idx, counts, rows, loss, logits
+
+    def fused_routing(xi):
+        r = router.select(xi)
+        lay = slot_layout(r.idx, r.hist)
+        loss = sequence_balance_loss(r.scores, r.idx, seq, E, 4)
+        return r.weights, r.idx, lay.counts, lay.rows, loss, None
+
+    def run_routing(fn):
+        def go():
+            router.weight.grad = None
+            xi = x.detach().requires_grad_(True)
+            weights, _, _, _, loss, _ = fn(xi)
+            torch.autograd.backward([weights, loss], [dw, torch.ones((), device="cuda")])
+            return xi.grad
+        return go
+
+    # correctness on the GPU: the fused kernels against the torch route on the same logits
+    with torch.no_grad():
+        logits = router_logits(x, router.weight)
+        w_t, i_t = route(logits.sigmoid(), router.e_score_correction_bias, args.n_group, args.topk_group, K,
+                         args.norm_topk_prob, args.routed_scaling_factor)
+        w_f, i_f, s_f, hist, _ = route_kernels.route_forward(
+            logits, router.e_score_correction_bias, args.n_group, args.topk_group, K, args.norm_topk_prob,
+            args.routed_scaling_factor)
+        same = (i_t == i_f).all(-1)
+        lay = slot_layout(i_f, hist)
+        ref = slot_layout_reference(i_f, E)
+        print(f"  fused route: tokens with the same experts {float(same.float().mean()):.6f}; "
+              f"weights max rel err {float(((w_f - w_t).abs() / w_t.abs())[same].max()):.1e}; "
+              f"scores max abs err {float((s_f - logits.sigmoid()).abs().max()):.1e}; "
+              f"layout equals argsort: {bool(torch.equal(lay.rows, ref.rows) and torch.equal(lay.counts, ref.counts))}")
+    lt = logits.detach().requires_grad_(True)
+    wt, _ = route(lt.sigmoid(), router.e_score_correction_bias, args.n_group, args.topk_group, K,
+                  args.norm_topk_prob, args.routed_scaling_factor)
+    (d_torch,) = torch.autograd.grad(wt, lt, dw)
+    lf = logits.detach().requires_grad_(True)
+    wf = _FusedRoute.apply(lf, router.e_score_correction_bias, None, args.n_group, args.topk_group, K,
+                           args.norm_topk_prob, args.routed_scaling_factor)[0]
+    (d_fused,) = torch.autograd.grad(wf, lf, dw)
+    rows_ok = same.all()
+    print(f"  fused route backward: rel err vs autograd {float((d_fused - d_torch).norm() / d_torch.norm()):.1e}"
+          f"{'' if rows_ok else ' (some tokens routed differently)'}")
+    for name, fn in (("torch route, index_add_ counts, argsort", torch_routing),
+                     ("fused route + slot layout, one-hot GEMM loss", fused_routing)):
+        print(f"  whole routing of a layer ({name}) fwd + bwd: {bench_ms(run_routing(fn), 50, 300):.3f} ms")
     torch.cuda.empty_cache()
 
 

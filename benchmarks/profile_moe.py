@@ -1,6 +1,6 @@
 """Where the time of one MoE layer's forward + backward goes: a torch.profiler table per variant.
 
-    python benchmarks/profile_moe.py [--variants bf16,fp8] [--tokens 16384] [--rows 25] [--by-op 30]
+    python benchmarks/profile_moe.py [--variants bf16,fp8] [--tokens 16384] [--rows 25] [--by-op 30] [--gaps 20]
 
 The layer is the benchmark shape of bench_fp8_model.py (64 experts top-6, 2 shared, hidden
 2048, width 1408), bf16, random weights and inputs. Prints, per variant, the host syncs of one
@@ -58,6 +58,32 @@ def kernels_by_op(prof, rows: int) -> str:
     return "\n".join(lines)
 
 
+def gpu_gaps(prof, rows: int) -> str:
+    """Where the GPU sat idle between kernels in the profiled passes: the total, the largest gaps
+    with the kernels on either side, and the CUDA runtime calls that can stall the CPU
+    (allocations, frees and synchronisations)."""
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    gaps = []
+    t0 = kernels[0].time_range.start if kernels else 0.0
+    for prev, nxt in zip(kernels, kernels[1:]):
+        idle = nxt.time_range.start - prev.time_range.end
+        if idle > 0:
+            gaps.append((idle, f"{prev.name} (at {(prev.time_range.end - t0) / 1e3:.2f} ms)", nxt.name))
+    total = sum(g for g, _, _ in gaps)
+    lines = [f"  GPU idle between kernels: {total / 1e3:.3f} ms over {len(kernels)} kernels "
+             f"({sum(g > 20 for g, _, _ in gaps)} gaps over 20 us)"]
+    for idle, a, b in sorted(gaps, reverse=True)[:rows]:
+        lines.append(f"  {idle:8.1f} us  after {a[:70]:70s} before {b[:50]}")
+    runtime = {}
+    for e in prof.events():
+        if e.device_type.name == "CPU" and any(k in e.name for k in ("Malloc", "Free", "Synchronize")):
+            n, t = runtime.get(e.name, (0, 0.0))
+            runtime[e.name] = (n + 1, t + e.cpu_time_total)
+    for name, (n, t) in sorted(runtime.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"  runtime {name:40s} {n:5d} calls {t / 1e3:8.3f} ms CPU")
+    return "\n".join(lines)
+
+
 def benchmark_layer(variant: str, tokens: int):
     """(layer, input, output gradient): the benchmark MoE layer in bf16 with random weights
     (FP8 GEMMs when variant == "fp8") and random [1, tokens, hidden] tensors, on the GPU."""
@@ -82,6 +108,7 @@ def main():
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--by-op", type=int, default=0, help="also list the N ops with the most GPU time, with shapes")
+    p.add_argument("--gaps", type=int, default=0, help="also list the N longest GPU idle gaps between kernels")
     a = p.parse_args()
     for variant in a.variants.split(","):
         moe, x, dy = benchmark_layer(variant, a.tokens)
@@ -111,6 +138,8 @@ def main():
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
         if a.by_op:
             print(kernels_by_op(prof, a.by_op))
+        if a.gaps:
+            print(gpu_gaps(prof, a.gaps))
 
 
 if __name__ == "__main__":

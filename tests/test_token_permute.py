@@ -69,6 +69,9 @@ def test_references_match_float64_loops(padded):
     y = torch.randn(num_rows, D, generator=g)
     torch.testing.assert_close(P.combine_reference(y, rows, w).double(), _loop_gather_sum(y, rows, w),
                                rtol=1e-6, atol=1e-6)
+    res = torch.randn(23, D, generator=g)
+    torch.testing.assert_close(P.combine_reference(y, rows, w, res).double(),
+                               _loop_gather_sum(y, rows, w) + res.double(), rtol=1e-6, atol=1e-6)
     # backward against float64 autograd of the plain formula
     y64, w64 = y.double().requires_grad_(True), w.double().requires_grad_(True)
     dout = torch.randn(23, D, generator=g)
@@ -109,6 +112,10 @@ def test_triton_kernels_equal_the_references(interpreted, dtype, K, padded):
     got = P.combine_triton(y, rows, w)
     assert got.dtype == dtype
     torch.testing.assert_close(got, P.combine_reference(y, rows, w), **tol)
+    res = torch.randn(N, D, generator=g).to(dtype)
+    torch.testing.assert_close(P.combine_triton(y, rows, w, res), P.combine_reference(y, rows, w, res), **tol)
+    with pytest.raises(ValueError, match="residual must be"):
+        P.combine_triton(y, rows, w, res[:-1])
     dy, dw = P.combine_backward_triton(dout, y, rows, w)
     dy_ref, dw_ref = P.combine_backward_reference(dout, y, rows, w)
     if dtype == torch.float32:
@@ -137,12 +144,13 @@ def test_autograd_matches_float64_gather_formulation():
     dout = torch.randn(17, D, generator=g)
 
     xa, wa = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    out = combine_tokens(torch.tanh(dispatch_tokens(xa, rows, num_rows) * scale), rows, wa)
+    # the residual: a function of x too, so its gradient joins x's
+    out = combine_tokens(torch.tanh(dispatch_tokens(xa, rows, num_rows) * scale), rows, wa, xa.sin())
     out.backward(dout)
 
     x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
     buf = torch.zeros(num_rows, D, dtype=torch.float64).index_put((rows.flatten(),), x64[:, None].expand(-1, 3, -1).reshape(-1, D))
-    ref = (torch.tanh(buf * scale.double())[rows] * w64[..., None]).sum(1)
+    ref = (torch.tanh(buf * scale.double())[rows] * w64[..., None]).sum(1) + x64.sin()
     ref.backward(dout.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(xa.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)

@@ -26,16 +26,17 @@ class _Dispatch(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_MD, rows_NK, w_NK):
+    def forward(ctx, y_MD, rows_NK, w_NK, residual_ND):
         ctx.save_for_backward(y_MD, rows_NK, w_NK)
         ctx.w_dtype = w_NK.dtype
-        return permute.combine(y_MD, rows_NK, w_NK)
+        return permute.combine(y_MD, rows_NK, w_NK, residual_ND)
 
     @staticmethod
     def backward(ctx, dout_ND):
         y_MD, rows_NK, w_NK = ctx.saved_tensors
         dy, dw = permute.combine_backward(dout_ND, y_MD, rows_NK, w_NK)
-        return dy, None, dw.to(ctx.w_dtype) if ctx.needs_input_grad[2] else None
+        return (dy, None, dw.to(ctx.w_dtype) if ctx.needs_input_grad[2] else None,
+                dout_ND if ctx.needs_input_grad[3] else None)
 
 
 def dispatch_tokens(x_ND: torch.Tensor, rows_NK: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -43,9 +44,11 @@ def dispatch_tokens(x_ND: torch.Tensor, rows_NK: torch.Tensor, num_rows: int) ->
     return _Dispatch.apply(x_ND, rows_NK, num_rows)
 
 
-def combine_tokens(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """[N, D] in y's dtype: sum over k of w[n, k] * y[rows[n, k]], summed in float32."""
-    return _Combine.apply(y_MD, rows_NK, w_NK)
+def combine_tokens(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor,
+                   residual_ND: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, D] in y's dtype: (residual[n] +) sum over k of w[n, k] * y[rows[n, k]], summed in
+    float32 and rounded once."""
+    return _Combine.apply(y_MD, rows_NK, w_NK, residual_ND)
 
 
 def sorted_positions(idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,9 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
-from .dispatch import combine_tokens, dispatch_tokens, sorted_positions
+from .dispatch import combine_tokens, dispatch_tokens
 from . import layers
 from .grouped_mm import grouped_mm
+from .kernels import route as route_kernels
+from .kernels.quant import HAVE_TRITON
+from .kernels.route import SlotLayout, slot_layout, slot_layout_reference
 from .kernels.router_gemm import mm_f32
 from .kernels.swiglu import swiglu, swiglu_packed
 from .layers import MLP
@@ -102,6 +105,51 @@ def router_logits(x_ND: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     return F.linear(x_ND.float(), w_ED.float())
 
 
+class Routing(NamedTuple):
+    """The router's decision for N tokens. weights [N, K] float32 (normalised, scaled), idx [N, K]
+    expert ids, scores [N, E] float32 affinities. hist / valid_hist: per-block slot counts from
+    the fused kernels (all tokens / tokens marked valid), None from the torch route."""
+
+    weights: torch.Tensor
+    idx: torch.Tensor
+    scores: torch.Tensor
+    hist: torch.Tensor | None = None
+    valid_hist: torch.Tensor | None = None
+
+
+class _FusedRoute(torch.autograd.Function):
+    """sigmoid, group-limited top-k, gate weights and per-block slot counts in one kernel
+    (kernels/route.py); backward in one more. Same numbers as `route(logits.sigmoid(), ...)`."""
+
+    @staticmethod
+    def forward(ctx, logits_NE, bias_E, valid_N, n_group, topk_group, top_k, norm, scale):
+        w, idx, scores, hist, vhist = route_kernels.route_forward(
+            logits_NE, bias_E, n_group, topk_group, top_k, norm, scale, valid_N)
+        ctx.save_for_backward(scores, idx)
+        ctx.norm, ctx.scale = norm, scale
+        ctx.set_materialize_grads(False)  # no balance loss: no scores gradient to read
+        ctx.mark_non_differentiable(idx, hist, *([vhist] if vhist is not None else []))
+        return w, idx, scores, hist, vhist
+
+    @staticmethod
+    def backward(ctx, dw, _didx, dscores, _dhist, _dvhist):
+        if dw is None and dscores is None:
+            return (None,) * 8
+        scores, idx = ctx.saved_tensors
+        return (route_kernels.route_backward(scores, idx, dw, dscores, ctx.norm, ctx.scale),) + (None,) * 7
+
+
+def use_fused_route(logits_NE: torch.Tensor, args: ModelArgs) -> bool:
+    """Whether the router runs `_FusedRoute` (CUDA with Triton, and shapes it supports)."""
+    return (logits_NE.is_cuda and HAVE_TRITON
+            and route_kernels.fused_route_supported(args.n_routed_experts, args.n_group))
+
+
+def fuse_shared_add(x_ND: torch.Tensor) -> bool:
+    """Whether the combine adds the shared experts' output in its own pass (the GPU)."""
+    return x_ND.is_cuda
+
+
 class Router(nn.Module):
     """The gate: affinity weights [E, D] and the selection bias [E] (a float32 buffer)."""
 
@@ -113,13 +161,24 @@ class Router(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate weights [N, K] fp32, expert ids [N, K], affinities [N, E] fp32)."""
+        r = self.select(x_ND)
+        return r.weights, r.idx, r.scores
+
+    def select(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None = None) -> Routing:
+        """The routing of x. On CUDA it runs fused (`_FusedRoute`) and also counts slots per
+        block, for `slot_layout` and the load counts (valid_N: count those tokens apart)."""
         a = self.args
-        scores = router_logits(x_ND, self.weight).sigmoid()
-        weights, idx = route(
-            scores, self.e_score_correction_bias.float(), a.n_group, a.topk_group,
-            a.num_experts_per_tok, a.norm_topk_prob, a.routed_scaling_factor,
-        )
-        return weights, idx, scores
+        logits = router_logits(x_ND, self.weight)
+        bias = self.e_score_correction_bias.float()
+        if use_fused_route(logits, a):
+            w, idx, scores, hist, vhist = _FusedRoute.apply(
+                logits, bias, valid_N, a.n_group, a.topk_group, a.num_experts_per_tok, a.norm_topk_prob,
+                a.routed_scaling_factor)
+            return Routing(w, idx, scores, hist, vhist)
+        scores = logits.sigmoid()
+        weights, idx = route(scores, bias, a.n_group, a.topk_group, a.num_experts_per_tok, a.norm_topk_prob,
+                             a.routed_scaling_factor)
+        return Routing(weights, idx, scores)
 
 
 class GroupedExperts(nn.Module):
@@ -203,19 +262,34 @@ def sequence_balance_loss(scores_NE: torch.Tensor, idx_NK: torch.Tensor, seq_N: 
     S = int(seq_N.max()) + 1 if num_sequences is None else num_sequences
     if N == 0 or S <= 0:
         return scores_NE.sum() * 0.0
-    valid = seq_N >= 0
-    keep = valid.to(torch.float32)
-    seq = seq_N.clamp(min=0)
-    tokens = torch.zeros(S, device=seq.device, dtype=torch.float32).index_add_(0, seq, keep)
-    slots = (seq[:, None] * n_experts + idx_NK).reshape(-1)
-    counts = torch.zeros(S * n_experts, device=seq.device, dtype=torch.float32).index_add_(
-        0, slots, keep[:, None].expand(N, K).reshape(-1)).view(S, n_experts)
-    per_token = tokens.clamp(min=1.0)[:, None]
+    chosen = torch.zeros_like(scores_NE).scatter_(1, idx_NK, 1.0)  # 1 where the token picked e
+    normed = scores_NE / scores_NE.sum(-1, keepdim=True)
+    per_seq = segment_sums(torch.cat([chosen, normed], 1), seq_N, S)  # [S, 2E]
+    counts, p_sum = per_seq[:, :n_experts], per_seq[:, n_experts:]
+    tokens = counts.sum(-1, keepdim=True) / K  # every token picks K distinct experts
+    per_token = tokens.clamp(min=1.0)
     f = counts * (n_experts / K) / per_token
-    normed = torch.where(valid[:, None], scores_NE / scores_NE.sum(-1, keepdim=True), 0.0)
-    p = torch.zeros(S, n_experts, device=seq.device, dtype=normed.dtype).index_add_(0, seq, normed) / per_token
-    present = (tokens > 0).to(p.dtype)
-    return ((f * p).sum(-1) * present).sum() / present.sum().clamp(min=1.0)
+    present = (tokens[:, 0] > 0).to(p_sum.dtype)
+    return ((f * (p_sum / per_token)).sum(-1) * present).sum() / present.sum().clamp(min=1.0)
+
+
+# Above this many [sequences x tokens] entries, segment_sums adds rows with index_add_ instead of
+# a one-hot GEMM (whose one-hot matrix would take that many floats).
+_ONE_HOT_LIMIT = 1 << 24
+
+
+def segment_sums(v_NC: torch.Tensor, seq_N: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """[S, C]: the sum of v's rows per segment (rows with seq -1 left out).
+
+    As a GEMM with the [S, N] one-hot of seq: one launch, the same sums every run, and a
+    gradient that is a GEMM too. index_add_ would send every row onto the same few addresses
+    with atomics (all N rows onto E counters when a batch is one sequence), which is slower,
+    and its float sums change from run to run on CUDA."""
+    if num_segments * v_NC.shape[0] <= _ONE_HOT_LIMIT:
+        one_hot = (seq_N[None, :] == torch.arange(num_segments, device=seq_N.device)[:, None]).to(v_NC.dtype)
+        return one_hot @ v_NC
+    keep = (seq_N >= 0).to(v_NC.dtype)[:, None]
+    return v_NC.new_zeros(num_segments, v_NC.shape[1]).index_add_(0, seq_N.clamp(min=0), v_NC * keep)
 
 
 def sequence_ids(segment_ids_BT: torch.Tensor | RoutingSegments | None, B: int, T: int, device) -> RoutingSegments:
@@ -277,46 +351,67 @@ class MoE(nn.Module):
         can queue the whole layer ahead of the GPU."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
-        weights_NK, idx_NK, scores_NE = self.gate(x_ND)
-        if self.training:
-            seq = sequence_ids(segment_ids_BT, B, T, x_BTD.device)
+        # The shared experts first: their GEMMs keep the GPU busy while the CPU queues the
+        # routing's small kernels, which would otherwise each wait on a launch.
+        shared = self.shared_experts(x_BTD) if self.shared_experts is not None else None
+        seq = sequence_ids(segment_ids_BT, B, T, x_BTD.device) if self.training else None
+        # Without segments every token counts towards the loads, and the layout's counts serve.
+        valid = seq.seq_N >= 0 if seq is not None and segment_ids_BT is not None else None
+        r = self.gate.select(x_ND, valid)
+        layout = self.slot_layout(r)
+        # On the GPU the combine adds the shared experts' output in its pass (one rounding, no
+        # separate add); on CPU the add stays apart, so CPU numbers are those of the plain sum.
+        fuse_shared = shared is not None and fuse_shared_add(x_ND)
+        y = self.routed(x_ND, r.weights, layout, shared.view(B * T, D) if fuse_shared else None).view(B, T, D)
+        if self.training:  # queued after the experts' GEMMs, for the same reason
             if not recomputing():  # a checkpointed block's second forward must not count again
                 with torch.no_grad():
-                    self.tokens_per_expert += expert_counts(idx_NK, self.args.n_routed_experts, seq.seq_N >= 0)
+                    self.tokens_per_expert += self.load_counts(r, layout, valid)
             self.balance_loss = None
             if self.args.aux_loss_alpha > 0:
-                self.balance_loss = sequence_balance_loss(scores_NE, idx_NK, seq.seq_N, self.args.n_routed_experts,
+                self.balance_loss = sequence_balance_loss(r.scores, r.idx, seq.seq_N, self.args.n_routed_experts,
                                                           seq.num_sequences)
-        y = self.routed(x_ND, weights_NK, idx_NK).view(B, T, D)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x_BTD)
+        if shared is not None and not fuse_shared:
+            y = y + shared
         return y
 
-    def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        """Copy each token into its K experts' rows, run the grouped GEMM, combine weighted (in float32).
+    def slot_layout(self, r: Routing) -> SlotLayout:
+        """Each (token, slot)'s row in the expert-grouped buffer. With FP8 experts (and no expert
+        parallelism, which pads after the exchange) every expert's rows start on a multiple of
+        128, with zero rows between: the FP8 weight gradient's token tiles must not mix two
+        experts, and dispatching straight into that layout costs nothing extra."""
+        multiple = 128 if self.fp8_experts and self.ep_group is None else 1
+        if r.hist is not None:
+            return slot_layout(r.idx, r.hist, multiple)
+        return slot_layout_reference(r.idx, self.args.n_routed_experts, multiple)
+
+    def load_counts(self, r: Routing, layout: SlotLayout, valid_N: torch.Tensor | None) -> torch.Tensor:
+        """Slots routed to each expert by the tokens that count (all, or those valid_N marks)."""
+        if valid_N is None:
+            return layout.counts
+        if r.valid_hist is not None:
+            return r.valid_hist.sum(0)
+        return expert_counts(r.idx, self.args.n_routed_experts, valid_N)
+
+    def routed(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, layout: SlotLayout,
+               residual_ND: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy each token into its K experts' rows, run the grouped GEMM, combine weighted (in
+        float32, plus residual_ND when given).
 
         The rows of the expert buffer are grouped by expert; each (token, slot) owns one row
-        (`dispatch.py`). With FP8 experts every expert's rows start on a multiple of 128, with
-        zero rows between: the FP8 weight gradient's token tiles must not mix two experts, and
-        dispatching straight into that layout costs nothing extra. No host sync on either path
-        (the padded size is a static bound). Dispatch and combine are permutations plus a sum over
-        a fixed axis, never a scatter-add with collisions, so gradients do not change run to run.
+        (`slot_layout`). No host sync (the buffer's size is a static bound). Dispatch and combine
+        are permutations plus a sum over a fixed axis, never a scatter-add with collisions, so
+        gradients do not change run to run.
         """
-        N, K = idx_NK.shape
-        counts = expert_counts(idx_NK, self.args.n_routed_experts)
-        rows_NK, _ = sorted_positions(idx_NK)
         if self.ep_group is not None:
             from .parallel import expert_parallel_experts
-            x_MD = dispatch_tokens(x_ND, rows_NK, N * K)
-            y_MD = expert_parallel_experts(x_MD, counts, self.run_local_experts, self.ep_group)
-        elif self.fp8_experts:
-            from .kernels import pad_offsets_to
-            layout = pad_offsets_to(counts, 128, num_rows=N * K)
-            rows_NK = layout.dest_rows[rows_NK]
-            y_MD = self.experts(dispatch_tokens(x_ND, rows_NK, layout.num_rows), layout.offsets)
+            x_MD = dispatch_tokens(x_ND, layout.rows, layout.num_rows)
+            y_MD = expert_parallel_experts(x_MD, layout.counts, self.run_local_experts, self.ep_group)
         else:
-            y_MD = self.experts(dispatch_tokens(x_ND, rows_NK, N * K), torch.cumsum(counts, 0).to(torch.int32))
-        return combine_tokens(y_MD, rows_NK, weights_NK).to(x_ND.dtype)
+            y_MD = self.experts(dispatch_tokens(x_ND, layout.rows, layout.num_rows), layout.offsets)
+        if residual_ND is not None:
+            residual_ND = residual_ND.to(y_MD.dtype)
+        return combine_tokens(y_MD, layout.rows, weights_NK, residual_ND).to(x_ND.dtype)
 
     def run_local_experts(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """The experts held here on rows grouped by expert (counts: rows per local expert).

@@ -6,7 +6,7 @@ of 128). No two slots share a row; rows owned by no slot (padding) are zero in w
 
     dispatch          buf[rows[n, k]] = x[n]
     dispatch backward dx[n] = sum_k dbuf[rows[n, k]]                       (float32 sum)
-    combine           out[n] = sum_k w[n, k] * y[rows[n, k]]               (float32 sum)
+    combine           out[n] = sum_k w[n, k] * y[rows[n, k]] (+ residual[n]) (float32 sum)
     combine backward  dy[rows[n, k]] = w[n, k] * dout[n],  dw[n, k] = <dout[n], y[rows[n, k]]>
 
 Each op is one pass of one program per token, reading and writing every row once: torch's
@@ -59,9 +59,13 @@ def dispatch_backward_reference(dbuf_MD: torch.Tensor, rows_NK: torch.Tensor) ->
     return dbuf_MD[rows_NK].float().sum(1).to(dbuf_MD.dtype)
 
 
-def combine_reference(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+def combine_reference(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor,
+                      residual_ND: torch.Tensor | None = None) -> torch.Tensor:
     _check(rows_NK, w_NK.shape[0])
-    return (y_MD[rows_NK].float() * w_NK[..., None].float()).sum(1).to(y_MD.dtype)
+    out = (y_MD[rows_NK].float() * w_NK[..., None].float()).sum(1)
+    if residual_ND is not None:
+        out = out + residual_ND.float()
+    return out.to(y_MD.dtype)
 
 
 def combine_backward_reference(dout_ND: torch.Tensor, y_MD: torch.Tensor, rows_NK: torch.Tensor,
@@ -92,9 +96,11 @@ def _dispatch_kernel(x_ptr, rows_ptr, out_ptr, D, stride_x, stride_o,
         tl.store(out_ptr + rows[:, None] * stride_o + d[None, :], tile, mask=k_ok[:, None] & d_ok[None, :])
 
 
-def _gather_sum_kernel(buf_ptr, rows_ptr, w_ptr, out_ptr, D, stride_b, stride_o,
-                       WEIGHTED: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[n] = sum_k (w[n, k] *) buf[rows[n, k]] in float32: the combine, and the dispatch's backward."""
+def _gather_sum_kernel(buf_ptr, rows_ptr, w_ptr, res_ptr, out_ptr, D, stride_b, stride_r, stride_o,
+                       WEIGHTED: tl.constexpr, HAS_RES: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """out[n] = (res[n] +) sum_k (w[n, k] *) buf[rows[n, k]] in float32: the combine (with the
+    shared experts' output added in the same pass), and the dispatch's backward."""
     n = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, K_PAD)
     k_ok = ks < K
@@ -108,7 +114,10 @@ def _gather_sum_kernel(buf_ptr, rows_ptr, w_ptr, out_ptr, D, stride_b, stride_o,
                     other=0.0).to(tl.float32)
         if WEIGHTED:
             g = g * w[:, None]
-        tl.store(out_ptr + n * stride_o + d, tl.sum(g, 0).to(out_ptr.dtype.element_ty), mask=d_ok)
+        acc = tl.sum(g, 0)
+        if HAS_RES:
+            acc += tl.load(res_ptr + n * stride_r + d, mask=d_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * stride_o + d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _combine_backward_kernel(dout_ptr, y_ptr, rows_ptr, w_ptr, dy_ptr, dw_ptr, D,
@@ -181,16 +190,24 @@ def dispatch_triton(x_ND: torch.Tensor, rows_NK: torch.Tensor, num_rows: int) ->
     return buf
 
 
-def _gather_sum(buf: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor | None) -> torch.Tensor:
+def _gather_sum(buf: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor | None,
+                residual_ND: torch.Tensor | None = None) -> torch.Tensor:
     interpret, _, kernel, _ = _kernels()
     N = rows_NK.shape[0]
     D = buf.shape[1]
     buf, rows = _row_major(buf), _rows_c(rows_NK)
+    if residual_ND is not None:
+        if residual_ND.shape != (N, D):
+            raise ValueError(f"residual must be [{N}, {D}], got {tuple(residual_ND.shape)}")
+        residual_ND = _row_major(residual_ND)
     out = torch.empty(N, D, dtype=buf.dtype, device=buf.device)
     if N and D:
+        if rows.shape[1] == 0:
+            return out.copy_(residual_ND) if residual_ND is not None else out.zero_()
         w = w_NK.contiguous() if w_NK is not None else rows
-        kernel[(N,)](buf, rows, w, out, D, buf.stride(0), out.stride(0), WEIGHTED=w_NK is not None,
-                     **_meta(rows, D, interpret))
+        res = residual_ND if residual_ND is not None else buf
+        kernel[(N,)](buf, rows, w, res, out, D, buf.stride(0), res.stride(0), out.stride(0),
+                     WEIGHTED=w_NK is not None, HAS_RES=residual_ND is not None, **_meta(rows, D, interpret))
     return out
 
 
@@ -199,9 +216,10 @@ def dispatch_backward_triton(dbuf_MD: torch.Tensor, rows_NK: torch.Tensor) -> to
     return _gather_sum(dbuf_MD, rows_NK, None)
 
 
-def combine_triton(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+def combine_triton(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor,
+                   residual_ND: torch.Tensor | None = None) -> torch.Tensor:
     _check(rows_NK, w_NK.shape[0])
-    return _gather_sum(y_MD, rows_NK, w_NK)
+    return _gather_sum(y_MD, rows_NK, w_NK, residual_ND)
 
 
 def combine_backward_triton(dout_ND: torch.Tensor, y_MD: torch.Tensor, rows_NK: torch.Tensor,
@@ -238,11 +256,13 @@ def dispatch_backward(dbuf_MD: torch.Tensor, rows_NK: torch.Tensor) -> torch.Ten
     return dispatch_backward_reference(dbuf_MD, rows_NK)
 
 
-def combine(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """out [N, D] in y's dtype: sum over k of w[n, k] * y[rows[n, k]], accumulated in float32."""
+def combine(y_MD: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor,
+            residual_ND: torch.Tensor | None = None) -> torch.Tensor:
+    """out [N, D] in y's dtype: (residual[n] +) sum over k of w[n, k] * y[rows[n, k]], accumulated
+    in float32 and rounded once."""
     if _use_triton(y_MD, rows_NK, w_NK):
-        return combine_triton(y_MD, rows_NK, w_NK)
-    return combine_reference(y_MD, rows_NK, w_NK)
+        return combine_triton(y_MD, rows_NK, w_NK, residual_ND)
+    return combine_reference(y_MD, rows_NK, w_NK, residual_ND)
 
 
 def combine_backward(dout_ND: torch.Tensor, y_MD: torch.Tensor, rows_NK: torch.Tensor,
