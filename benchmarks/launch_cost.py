@@ -69,6 +69,54 @@ def main():
     print(f"\n### CPU cost per call, {N} tokens, E={E}, K={K} ({a.calls} calls each)")
     for name, fn in pieces.items():
         print(f"  {name:36s} {per_call_us(fn, a.calls):8.1f} us")
+    gpu_section(N, 50)
+
+
+def gpu_us(fn, calls: int, per_kernel: list | None = None) -> float:
+    """GPU kernel time per call (microseconds), from torch.profiler; per_kernel, when given,
+    receives (name, us per call) of each kernel."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    if per_kernel is not None:
+        per_kernel.extend((e.key[:40], e.self_device_time_total / calls) for e in kernels)
+    return sum(e.self_device_time_total for e in kernels) / calls
+
+
+def gpu_section(tokens: int, calls: int):
+    """GPU time of the fused routing against the torch routing, at this benchmark's 64 experts
+    (top-6) and at DeepSeek-V3's 256 (top-8 within 4 of 8 groups)."""
+    print(f"\n### GPU time per call, {tokens} tokens (torch.profiler kernel sums)")
+    for E, K, G, TG in ((64, 6, 1, 1), (256, 8, 8, 4)):
+        g = torch.Generator(device="cuda").manual_seed(E)
+        logits = torch.randn(tokens, E, device="cuda", generator=g)
+        bias = torch.randn(E, device="cuda", generator=g) * 0.01
+        w, idx, s, hist, _ = RK.route_forward(logits, bias, G, TG, K, True, 2.5)
+        dw = torch.randn(tokens, K, device="cuda", generator=g)
+        w_t, i_t = route(logits.sigmoid(), bias, G, TG, K, True, 2.5)
+        same = float((i_t == idx).all(-1).float().mean())
+        rows_ok = bool(torch.equal(RK.slot_layout(idx, hist).rows, RK.slot_layout_reference(idx, E).rows))
+
+        def torch_fwd():
+            _, i = route(logits.sigmoid(), bias, G, TG, K, True, 2.5)
+            expert_counts(i, E)
+            sorted_positions(i)
+
+        def fused_fwd():
+            _, i, _, h, _ = RK.route_forward(logits, bias, G, TG, K, True, 2.5)
+            RK.slot_layout(i, h)
+
+        parts = []
+        print(f"  E={E:3d} K={K} groups {G}/{TG}: torch route+counts+argsort {gpu_us(torch_fwd, calls):7.1f} us, "
+              f"fused route+layout {gpu_us(fused_fwd, calls, parts):7.1f} us, fused backward "
+              f"{gpu_us(lambda: RK.route_backward(s, idx, dw, None, True, 2.5), calls):6.1f} us; "
+              f"same experts {same:.6f}, layout equals argsort {rows_ok}")
+        print("    fused kernels: " + ", ".join(f"{name} {us:.1f} us" for name, us in parts))
 
 
 if __name__ == "__main__":

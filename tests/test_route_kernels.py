@@ -40,7 +40,8 @@ def test_fused_route_equals_torch_route_and_counts_blocks(N, E, G, TG, K, norm):
     torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=0)
     assert (idx != E // 3).all()
     # per-block slot counts
-    bn = RK.block_tokens(E, K)
+    bn = RK.slot_block_tokens(E, K, interpret=True)  # conftest runs the kernels interpreted
+    assert RK.block_tokens(E, interpret=True) < N  # several route blocks, count rows, scan chunks
     assert hist.shape == (RK.cdiv(N, bn), E) and hist.dtype == torch.int32
     for b in range(hist.shape[0]):
         part = idx[b * bn:(b + 1) * bn]
@@ -77,6 +78,15 @@ def test_slot_layout_equals_a_stable_sort_by_expert(N, E, G, TG, K, norm, multip
         assert torch.equal(mine, torch.arange(starts[e], starts[e] + mine.numel()))
         if multiple > 1:
             assert starts[e] % multiple == 0
+
+
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_slot_layout_of_one_or_two_count_rows(N):
+    """The offsets are written by one program: also right when there is just one."""
+    logits, bias = _inputs(N, 16, seed=N)
+    _, idx, _, hist, _ = RK.route_forward(logits, bias, 1, 1, 4, True, 1.0)
+    got, ref = RK.slot_layout(idx, hist, 8), RK.slot_layout_reference(idx, 16, 8)
+    assert torch.equal(got.rows, ref.rows) and torch.equal(got.offsets, ref.offsets)
 
 
 def test_slot_layout_of_no_tokens():

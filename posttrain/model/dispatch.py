@@ -1,8 +1,9 @@
 """Autograd for the MoE layer's token dispatch and weighted combine (kernels/permute.py).
 
-`slot_rows(idx_NK, ...)` decides where each (token, slot) goes in the expert-sorted buffer;
-`dispatch_tokens` copies every token into its K rows, `combine_tokens` sums the K expert outputs
-back, weighted by the gate in float32. Both are deterministic (no scatter-add).
+A slot layout (`kernels/route.py`'s `slot_layout`, or `sorted_positions` here) decides where
+each (token, slot) goes in the expert-sorted buffer; `dispatch_tokens` copies every token into
+its K rows, `combine_tokens` sums the K expert outputs back, weighted by the gate in float32
+(plus an optional residual in the same pass). Both are deterministic (no scatter-add).
 """
 
 from __future__ import annotations

@@ -8,13 +8,13 @@ one while the GPU waits (at 16,384 tokens on an H100 the MoE layer's wall time w
 above its kernel time). Here:
 
     route_kernel      per block of tokens: s = sigmoid(logits), group-limited top-k of s + bias,
-                      gate weights from s (normalised, scaled), and the block's count of slots
-                      per expert (hist [blocks, E], plain stores: no atomics)
-    scan_blocks_kernel  one program: per expert the slots in earlier blocks (a running sum over
-                      hist), the counts, and the experts' row ends (optionally padded) and starts
-    slot_rows_kernel  each slot's row in the buffer grouped by expert: the expert's start, plus
-                      the slots of that expert in earlier blocks, plus earlier slots of that
-                      expert in this block: the order a stable sort by expert gives
+                      gate weights from s (normalised, scaled), and the slots per expert of each
+                      part of the block (hist [parts, E], plain stores: no atomics)
+    scan_blocks_kernel  a few experts per program: the slots of each expert in earlier parts (a
+                      running sum down hist), and the counts
+    slot_rows_kernel  per part: the experts' row ends (optionally padded), then each slot's row:
+                      the expert's start, plus its slots in earlier parts, plus earlier slots of
+                      that expert in this part: the order a stable sort by expert gives
     route_backward    d logits = (d scores + d weights through the gather and the normalisation)
                       * s * (1 - s), one pass
 
@@ -35,6 +35,9 @@ tl = None  # bound by _kernels(); the kernel bodies look it up as a module globa
 _KERNELS = None
 # Elements of the [block slots, E] one-hot that slot_rows_kernel holds in registers.
 _ONE_HOT_BUDGET = 8192
+# Elements of a [tokens, E] float32 tile in route_backward_kernel: with more, the tiles spill
+# from registers (at E = 256 and 32 tokens the backward took 0.42 ms, with 16 tokens 0.03 ms).
+_TILE = 4096
 
 
 def _pow2(n: int) -> int:
@@ -44,7 +47,8 @@ def _pow2(n: int) -> int:
 def route_kernel(logits_ptr, bias_ptr, valid_ptr, scores_ptr, w_ptr, idx_ptr, hist_ptr, vhist_ptr, N, scale,
                  E: tl.constexpr, E_PAD: tl.constexpr, G: tl.constexpr, TOPK_G: tl.constexpr,
                  K: tl.constexpr, K_PAD: tl.constexpr, NORM: tl.constexpr, HAS_VALID: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, SUB_N: tl.constexpr):
+    """BLOCK_N tokens; their slot counts per SUB_N-token part (slot_rows_kernel's unit)."""
     pid = tl.program_id(0)
     rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     r_ok = rows < N
@@ -76,19 +80,20 @@ def route_kernel(logits_ptr, bias_ptr, valid_ptr, scores_ptr, w_ptr, idx_ptr, hi
     ks = tl.arange(0, K_PAD)
     w = tl.zeros((BLOCK_N, K_PAD), dtype=tl.float32)
     idx = tl.zeros((BLOCK_N, K_PAD), dtype=tl.int32)
-    hist = tl.zeros((E_PAD,), dtype=tl.int32)
+    NSUB: tl.constexpr = BLOCK_N // SUB_N
+    hist = tl.zeros((NSUB, E_PAD), dtype=tl.int32)
     if HAS_VALID:
         valid = tl.load(valid_ptr + rows, mask=r_ok, other=0) != 0
-        vhist = tl.zeros((E_PAD,), dtype=tl.int32)
+        vhist = tl.zeros((NSUB, E_PAD), dtype=tl.int32)
     for k in tl.static_range(K):
         j = tl.argmax(biased, axis=1)
         hit = cols[None, :] == j[:, None]
         s_j = tl.sum(tl.where(hit, s, 0.0), axis=1)
         w = tl.where(ks[None, :] == k, s_j[:, None], w)
         idx = tl.where(ks[None, :] == k, j[:, None], idx)
-        hist += tl.sum((hit & r_ok[:, None]).to(tl.int32), axis=0)
+        hist += tl.sum(tl.reshape((hit & r_ok[:, None]).to(tl.int32), (NSUB, SUB_N, E_PAD)), axis=1)
         if HAS_VALID:
-            vhist += tl.sum((hit & (r_ok & valid)[:, None]).to(tl.int32), axis=0)
+            vhist += tl.sum(tl.reshape((hit & (r_ok & valid)[:, None]).to(tl.int32), (NSUB, SUB_N, E_PAD)), axis=1)
         biased = tl.where(hit, float("-inf"), biased)
     if NORM:
         w = w / (tl.sum(w, axis=1)[:, None] + 1e-20)
@@ -96,45 +101,48 @@ def route_kernel(logits_ptr, bias_ptr, valid_ptr, scores_ptr, w_ptr, idx_ptr, hi
     mk = r_ok[:, None] & (ks[None, :] < K)
     tl.store(w_ptr + rows[:, None] * K + ks[None, :], w, mask=mk)
     tl.store(idx_ptr + rows[:, None] * K + ks[None, :], idx.to(tl.int64), mask=mk)
-    tl.store(hist_ptr + pid * E + cols, hist, mask=c_ok)
+    parts = pid * NSUB + tl.arange(0, NSUB)
+    mh = (parts * SUB_N < N)[:, None] & c_ok[None, :]
+    tl.store(hist_ptr + parts[:, None] * E + cols[None, :], hist, mask=mh)
     if HAS_VALID:
-        tl.store(vhist_ptr + pid * E + cols, vhist, mask=c_ok)
+        tl.store(vhist_ptr + parts[:, None] * E + cols[None, :], vhist, mask=mh)
 
 
-def scan_blocks_kernel(hist_ptr, before_ptr, counts_ptr, offsets_ptr, start_ptr, B, multiple,
-                       E: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """One program: before[b, e] = slots of expert e in blocks < b; counts; the experts' row ends
-    (each expert's rows rounded up to `multiple`) and starts. (torch.cumsum over the blocks axis
-    of [blocks, E] ran one thread per column: about 0.18 ms at 1024 blocks on an H100.)"""
-    cols = tl.arange(0, E_PAD)
+def scan_blocks_kernel(hist_ptr, before_ptr, counts_ptr, B,
+                       E: tl.constexpr, EB: tl.constexpr, CHUNK: tl.constexpr):
+    """EB experts per program: before[b, e] = slots of expert e in blocks < b, and the counts.
+    (torch.cumsum over the blocks axis of [blocks, E] ran one thread per column: about 0.18 ms at
+    1024 blocks on an H100.)"""
+    cols = tl.program_id(0) * EB + tl.arange(0, EB)
     c_ok = cols < E
-    carry = tl.zeros((E_PAD,), dtype=tl.int32)
+    carry = tl.zeros((EB,), dtype=tl.int32)
     for b0 in range(0, B, CHUNK):
         rb = (b0 + tl.arange(0, CHUNK)).to(tl.int64)
         m = (rb < B)[:, None] & c_ok[None, :]
         tile = tl.load(hist_ptr + rb[:, None] * E + cols[None, :], mask=m, other=0)
         tl.store(before_ptr + rb[:, None] * E + cols[None, :], carry[None, :] + tl.cumsum(tile, axis=0) - tile, mask=m)
         carry += tl.sum(tile, axis=0)
-    owned = (carry + (multiple - 1)) // multiple * multiple
-    ends = tl.cumsum(owned, axis=0)
     tl.store(counts_ptr + cols, carry, mask=c_ok)
-    tl.store(offsets_ptr + cols, ends, mask=c_ok)
-    tl.store(start_ptr + cols, ends - owned, mask=c_ok)
 
 
-def slot_rows_kernel(idx_ptr, before_ptr, start_ptr, rows_ptr, N,
+def slot_rows_kernel(idx_ptr, before_ptr, counts_ptr, offsets_ptr, rows_ptr, N, multiple,
                      E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
+    cols = tl.arange(0, E_PAD)
+    c_ok = cols < E
+    # each expert's rows rounded up to `multiple`; their ends are the grouped GEMM's offsets
+    # (E numbers: every program works them out, the first one stores them)
+    owned = (tl.load(counts_ptr + cols, mask=c_ok, other=0) + (multiple - 1)) // multiple * multiple
+    ends = tl.cumsum(owned, axis=0)
+    if pid == 0:
+        tl.store(offsets_ptr + cols, ends, mask=c_ok)
+    # where this block's slots of expert e begin: the expert's start + its slots in earlier blocks
+    base = (ends - owned).to(tl.int64) + tl.load(before_ptr + pid * E + cols, mask=c_ok, other=0)
     tok = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     ks = tl.arange(0, K_PAD)
     ok = (tok < N)[:, None] & (ks < K)[None, :]
     e = tl.load(idx_ptr + tok[:, None] * K + ks[None, :], mask=ok, other=-1).to(tl.int32)
-    cols = tl.arange(0, E_PAD)
-    c_ok = cols < E
-    # where this block's slots of expert e begin: the expert's start + its slots in earlier blocks
-    base = (tl.load(start_ptr + cols, mask=c_ok, other=0).to(tl.int64)
-            + tl.load(before_ptr + pid * E + cols, mask=c_ok, other=0))
     # slots in flat (token, k) order, one-hot by expert; a running count gives each slot's rank
     one_hot = tl.reshape(e, (BLOCK_N * K_PAD,))[:, None] == cols[None, :]
     rank = tl.cumsum(one_hot.to(tl.int32), axis=0)
@@ -185,10 +193,21 @@ def _kernels():
     return _KERNELS
 
 
-def block_tokens(n_experts: int, top_k: int) -> int:
-    """Tokens per program of route_kernel and slot_rows_kernel (the two must agree: the histogram
-    has one row per block). Bounded so slot_rows_kernel's one-hot fits in registers."""
-    return max(1, min(64, _ONE_HOT_BUDGET // (_pow2(top_k) * _pow2(n_experts))))
+def block_tokens(n_experts: int, interpret: bool = False) -> int:
+    """Tokens per program of route_kernel. 64 up to 256 experts: at E = 256 (H100) 16-token
+    blocks took 0.15 ms, 64-token blocks 0.09 ms. Under the interpreter 8."""
+    if interpret:
+        return 8
+    return max(1, min(64, 4 * _TILE // _pow2(n_experts)))
+
+
+def slot_block_tokens(n_experts: int, top_k: int, interpret: bool = False) -> int:
+    """Tokens per program of slot_rows_kernel, and per row of route_forward's count table: its
+    [tokens * K, E] one-hot stays in registers. Under the interpreter 2, so small test inputs
+    span several rows and several route blocks."""
+    if interpret:
+        return 2
+    return max(1, min(block_tokens(n_experts), _ONE_HOT_BUDGET // (_pow2(top_k) * _pow2(n_experts))))
 
 
 def fused_route_supported(n_experts: int, n_group: int) -> bool:
@@ -213,24 +232,25 @@ def route_forward(logits_NE: torch.Tensor, bias_E: torch.Tensor, n_group: int, t
         raise ValueError(f"{n_group} groups of {E} experts: the fused route needs powers of two")
     if n_group > 1 and not 1 <= topk_group <= n_group:
         raise ValueError(f"topk_group must be in 1..{n_group}, got {topk_group}")
-    require_triton(logits_NE)
+    built = require_triton(logits_NE)
     logits_NE = logits_NE.contiguous()
     bias = bias_E.to(device=logits_NE.device, dtype=torch.float32).contiguous()
-    bn = block_tokens(E, top_k)
-    blocks = cdiv(N, bn)
+    bn = block_tokens(E, built.interpret)
+    sub = slot_block_tokens(E, top_k, built.interpret)
+    parts = cdiv(N, sub)
     dev = logits_NE.device
     scores = torch.empty(N, E, dtype=torch.float32, device=dev)
     weights = torch.empty(N, top_k, dtype=torch.float32, device=dev)
     idx = torch.empty(N, top_k, dtype=torch.int64, device=dev)
-    hist = torch.empty(blocks, E, dtype=torch.int32, device=dev)
-    vhist = torch.empty(blocks, E, dtype=torch.int32, device=dev) if valid_N is not None else None
+    hist = torch.empty(parts, E, dtype=torch.int32, device=dev)
+    vhist = torch.empty(parts, E, dtype=torch.int32, device=dev) if valid_N is not None else None
     if N:
-        _kernels()[0][(blocks,)](
+        _kernels()[0][(cdiv(N, bn),)](
             logits_NE, bias, valid_N.contiguous() if valid_N is not None else logits_NE, scores, weights, idx,
             hist, vhist if vhist is not None else hist, N, float(routed_scaling_factor),
             E=E, E_PAD=_pow2(E), G=max(n_group, 1), TOPK_G=max(topk_group, 1) if n_group > 1 else 1,
             K=top_k, K_PAD=_pow2(top_k), NORM=bool(norm_topk_prob), HAS_VALID=valid_N is not None,
-            BLOCK_N=bn, num_warps=4)
+            BLOCK_N=bn, SUB_N=sub, num_warps=4)
     return weights, idx, scores, hist, vhist
 
 
@@ -276,20 +296,20 @@ def slot_layout(idx_NK: torch.Tensor, hist_BE: torch.Tensor, multiple: int = 1) 
         counts = torch.zeros(E, dtype=torch.int32, device=dev)
         return SlotLayout(torch.empty(0, K, dtype=torch.int64, device=dev), counts, _padded(counts, multiple)[1],
                           buffer_rows(0, E, multiple))
+    built = require_triton(idx_NK, hist_BE)
+    sub = slot_block_tokens(E, K, built.interpret)
+    if blocks != cdiv(N, sub):
+        raise ValueError(f"hist has {blocks} rows; route_forward makes {cdiv(N, sub)} for {N} tokens")
     before = torch.empty_like(hist_BE)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     offsets = torch.empty(E, dtype=torch.int32, device=dev)
-    start = torch.empty(E, dtype=torch.int32, device=dev)
-    e_pad = _pow2(E)
-    built = require_triton(idx_NK, hist_BE)
-    # small chunks under the interpreter, so the tests carry counts across chunks
-    chunk = 2 if built.interpret else max(1, min(256, 2 * _ONE_HOT_BUDGET // e_pad))
-    scan, rows_kernel = _kernels()[3], _kernels()[1]
-    scan[(1,)](hist_BE, before, counts, offsets, start, blocks, multiple, E=E, E_PAD=e_pad, CHUNK=chunk,
-               num_warps=8)
     rows = torch.empty(N, K, dtype=torch.int64, device=dev)
-    rows_kernel[(blocks,)](idx_NK.contiguous(), before, start, rows, N,
-                           E=E, E_PAD=e_pad, K=K, K_PAD=_pow2(K), BLOCK_N=block_tokens(E, K), num_warps=4)
+    # small chunks under the interpreter, so the tests carry counts across chunks
+    eb, chunk = (4, 2) if built.interpret else (8, 1024)
+    rows_kernel, scan = _kernels()[1], _kernels()[3]
+    scan[(cdiv(E, eb),)](hist_BE, before, counts, blocks, E=E, EB=eb, CHUNK=chunk, num_warps=4)
+    rows_kernel[(blocks,)](idx_NK.contiguous(), before, counts, offsets, rows, N, multiple,
+                           E=E, E_PAD=_pow2(E), K=K, K_PAD=_pow2(K), BLOCK_N=sub, num_warps=4)
     return SlotLayout(rows, counts, offsets, buffer_rows(N * K, E, multiple))
 
 
@@ -316,7 +336,7 @@ def route_backward(scores_NE: torch.Tensor, idx_NK: torch.Tensor, dw_NK: torch.T
     if dw_NK is None:
         dw_NK = torch.zeros(N, K, dtype=torch.float32, device=scores_NE.device)
     if N:
-        bn = 32
+        bn = max(1, min(32, _TILE // _pow2(E)))
         _kernels()[2][(cdiv(N, bn),)](
             scores_NE, idx_NK, dw_NK.float().contiguous(),
             dscores_NE.float().contiguous() if dscores_NE is not None else scores_NE, dlogits, N,
