@@ -35,8 +35,9 @@ tl = None  # bound by _kernels(); the kernel bodies look it up as a module globa
 _KERNELS = None
 # Elements of the [block slots, E] one-hot that slot_rows_kernel holds in registers.
 _ONE_HOT_BUDGET = 8192
-# Elements of a [tokens, E] float32 tile in route_backward_kernel: with more, the tiles spill
-# from registers (at E = 256 and 32 tokens the backward took 0.42 ms, with 16 tokens 0.03 ms).
+# Elements of a [tokens, E] float32 tile in route_kernel and route_backward_kernel: with more,
+# the tiles spill from registers (at E = 256 and 32 tokens the backward took 0.42 ms, with 16
+# tokens 0.03 ms).
 _TILE = 4096
 
 
@@ -194,11 +195,12 @@ def _kernels():
 
 
 def block_tokens(n_experts: int, interpret: bool = False) -> int:
-    """Tokens per program of route_kernel. 64 up to 256 experts: at E = 256 (H100) 16-token
-    blocks took 0.15 ms, 64-token blocks 0.09 ms. Under the interpreter 8."""
+    """Tokens per program of route_kernel: its [tokens, E] float32 tiles, and the per-part
+    count table, stay in registers (on an H100 at E = 256 and 16,384 tokens: 16-token blocks
+    0.15 ms; 64-token blocks 1.07 ms). Under the interpreter 8."""
     if interpret:
         return 8
-    return max(1, min(64, 4 * _TILE // _pow2(n_experts)))
+    return max(1, min(64, _TILE // _pow2(n_experts)))
 
 
 def slot_block_tokens(n_experts: int, top_k: int, interpret: bool = False) -> int:
