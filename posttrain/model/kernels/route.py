@@ -45,17 +45,23 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _token_tile(N, E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_N token rows and E_PAD expert columns: (rows, rows in range, cols,
+    cols in range, the [rows, cols] mask)."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    r_ok = rows < N
+    cols = tl.arange(0, E_PAD)
+    c_ok = cols < E
+    return rows, r_ok, cols, c_ok, r_ok[:, None] & c_ok[None, :]
+
+
 def route_kernel(logits_ptr, bias_ptr, valid_ptr, scores_ptr, w_ptr, idx_ptr, hist_ptr, vhist_ptr, N, scale,
                  E: tl.constexpr, E_PAD: tl.constexpr, G: tl.constexpr, TOPK_G: tl.constexpr,
                  K: tl.constexpr, K_PAD: tl.constexpr, NORM: tl.constexpr, HAS_VALID: tl.constexpr,
                  BLOCK_N: tl.constexpr, SUB_N: tl.constexpr):
     """BLOCK_N tokens; their slot counts per SUB_N-token part (slot_rows_kernel's unit)."""
     pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    r_ok = rows < N
-    cols = tl.arange(0, E_PAD)
-    c_ok = cols < E
-    m = r_ok[:, None] & c_ok[None, :]
+    rows, r_ok, cols, c_ok, m = _token_tile(N, E, E_PAD, BLOCK_N)
     s = tl.sigmoid(tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=m, other=0.0))
     tl.store(scores_ptr + rows[:, None] * E + cols[None, :], s, mask=m)
     bias = tl.load(bias_ptr + cols, mask=c_ok, other=0.0)
@@ -154,11 +160,7 @@ def slot_rows_kernel(idx_ptr, before_ptr, counts_ptr, offsets_ptr, rows_ptr, N, 
 def route_backward_kernel(scores_ptr, idx_ptr, dw_ptr, dscores_ptr, dlogits_ptr, N, scale,
                           E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr,
                           HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    r_ok = rows < N
-    cols = tl.arange(0, E_PAD)
-    m = r_ok[:, None] & (cols < E)[None, :]
+    rows, r_ok, cols, _, m = _token_tile(N, E, E_PAD, BLOCK_N)
     s = tl.load(scores_ptr + rows[:, None] * E + cols[None, :], mask=m, other=0.0)
     if HAS_DS:
         ds = tl.load(dscores_ptr + rows[:, None] * E + cols[None, :], mask=m, other=0.0)
@@ -190,7 +192,7 @@ def route_backward_kernel(scores_ptr, idx_ptr, dw_ptr, dscores_ptr, dlogits_ptr,
 def _kernels():
     global _KERNELS
     if _KERNELS is None:
-        _KERNELS = jit_kernels(globals(), (), ("route_kernel", "slot_rows_kernel", "route_backward_kernel", "scan_blocks_kernel"))
+        _KERNELS = jit_kernels(globals(), ("_token_tile",), ("route_kernel", "slot_rows_kernel", "route_backward_kernel", "scan_blocks_kernel"))
     return _KERNELS
 
 
