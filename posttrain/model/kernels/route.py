@@ -324,8 +324,8 @@ def slot_layout_reference(idx_NK: torch.Tensor, n_experts: int, multiple: int = 
     counts = torch.zeros(n_experts, dtype=torch.int32, device=flat.device).index_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))
     owned, offsets = _padded(counts, multiple)
-    order = torch.argsort(flat, stable=True)
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
+    from ..dispatch import sorted_positions  # the model layer's torch layout (it imports kernels)
+    rank = sorted_positions(idx_NK)[0].reshape(-1)
     ends = torch.cumsum(counts, 0)
     rows = rank - (ends - counts)[flat] + (offsets - owned).to(torch.int64)[flat]
     return SlotLayout(rows.view(N, K), counts, offsets, buffer_rows(N * K, n_experts, multiple))
