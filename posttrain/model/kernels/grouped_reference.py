@@ -109,6 +109,14 @@ class PaddedLayout(NamedTuple):
     num_rows: int            # rows to allocate for the padded layout (>= offsets[-1], a multiple)
 
 
+def padded_rows_bound(rows: int, n_experts: int, multiple: int) -> int:
+    """A static bound on the rows of a layout where each of n_experts experts' rows (rows in
+    all) is rounded up to `multiple`: no host sync needed to allocate it."""
+    if multiple <= 1:
+        return rows
+    return (rows + n_experts * (multiple - 1)) // multiple * multiple
+
+
 def pad_offsets_to(counts_E: torch.Tensor, multiple: int = QBLOCK, num_rows: int | None = None,
                    exact: bool = False) -> PaddedLayout:
     """Layout in which every expert's rows start on a multiple of `multiple`.
@@ -142,5 +150,5 @@ def pad_offsets_to(counts_E: torch.Tensor, multiple: int = QBLOCK, num_rows: int
     if exact:
         total = int(padded_ends[-1]) if E else 0
     else:
-        total = (num_rows + E * (multiple - 1)) // multiple * multiple
+        total = padded_rows_bound(num_rows, E, multiple)
     return PaddedLayout(padded_ends.to(torch.int32), dest, total)

@@ -202,8 +202,6 @@ def _gather_sum(buf: torch.Tensor, rows_NK: torch.Tensor, w_NK: torch.Tensor | N
         residual_ND = _row_major(residual_ND)
     out = torch.empty(N, D, dtype=buf.dtype, device=buf.device)
     if N and D:
-        if rows.shape[1] == 0:
-            return out.copy_(residual_ND) if residual_ND is not None else out.zero_()
         w = w_NK.contiguous() if w_NK is not None else rows
         res = residual_ND if residual_ND is not None else buf
         kernel[(N,)](buf, rows, w, res, out, D, buf.stride(0), res.stride(0), out.stride(0),

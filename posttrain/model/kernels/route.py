@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from .grouped_reference import pad_offsets_to, padded_rows_bound
 from .quant import jit_kernels, require_triton
 from .reference import cdiv
 
@@ -272,21 +273,6 @@ class SlotLayout(NamedTuple):
     num_rows: int
 
 
-def buffer_rows(slots: int, n_experts: int, multiple: int) -> int:
-    """Rows of the expert-grouped buffer: the slots, or with every expert's rows rounded up to
-    `multiple`, a static bound on that (so no host sync)."""
-    if multiple <= 1:
-        return slots
-    return (slots + n_experts * (multiple - 1)) // multiple * multiple
-
-
-def _padded(counts_E: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows each expert owns, their cumulative ends (int32)) when every expert's rows start on
-    a multiple of `multiple` (the FP8 weight gradient's token tiles)."""
-    owned = counts_E if multiple <= 1 else (counts_E + (multiple - 1)) // multiple * multiple
-    return owned, torch.cumsum(owned, 0, dtype=torch.int32)
-
-
 def slot_layout(idx_NK: torch.Tensor, hist_BE: torch.Tensor, multiple: int = 1) -> SlotLayout:
     """The layout from route_forward's idx and per-block counts, in two launches
     (scan_blocks_kernel, slot_rows_kernel) and no host sync. multiple > 1 starts every expert's
@@ -298,8 +284,8 @@ def slot_layout(idx_NK: torch.Tensor, hist_BE: torch.Tensor, multiple: int = 1) 
         raise ValueError(f"multiple must be positive, got {multiple}")
     if N == 0:
         counts = torch.zeros(E, dtype=torch.int32, device=dev)
-        return SlotLayout(torch.empty(0, K, dtype=torch.int64, device=dev), counts, _padded(counts, multiple)[1],
-                          buffer_rows(0, E, multiple))
+        return SlotLayout(torch.empty(0, K, dtype=torch.int64, device=dev), counts, counts.clone(),
+                          padded_rows_bound(0, E, multiple))
     built = require_triton(idx_NK, hist_BE)
     sub = slot_block_tokens(E, K, built.interpret)
     if blocks != cdiv(N, sub):
@@ -314,21 +300,22 @@ def slot_layout(idx_NK: torch.Tensor, hist_BE: torch.Tensor, multiple: int = 1) 
     scan[(cdiv(E, eb),)](hist_BE, before, counts, blocks, E=E, EB=eb, CHUNK=chunk, num_warps=4)
     rows_kernel[(blocks,)](idx_NK.contiguous(), before, counts, offsets, rows, N, multiple,
                            E=E, E_PAD=_pow2(E), K=K, K_PAD=_pow2(K), BLOCK_N=sub, num_warps=4)
-    return SlotLayout(rows, counts, offsets, buffer_rows(N * K, E, multiple))
+    return SlotLayout(rows, counts, offsets, padded_rows_bound(N * K, E, multiple))
 
 
 def slot_layout_reference(idx_NK: torch.Tensor, n_experts: int, multiple: int = 1) -> SlotLayout:
-    """slot_layout in torch: a stable argsort of the slots by expert."""
-    N, K = idx_NK.shape
+    """slot_layout in torch: a stable argsort of the slots by expert (`sorted_positions`), then,
+    with multiple > 1, `pad_offsets_to`'s move of each sorted row into the padded layout."""
+    from ..dispatch import sorted_positions  # the model layer's torch layout (it imports kernels)
     flat = idx_NK.reshape(-1)
+    # index_add_ rather than bincount: bincount reads max(idx) on the host first (a sync)
     counts = torch.zeros(n_experts, dtype=torch.int32, device=flat.device).index_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))
-    owned, offsets = _padded(counts, multiple)
-    from ..dispatch import sorted_positions  # the model layer's torch layout (it imports kernels)
-    rank = sorted_positions(idx_NK)[0].reshape(-1)
-    ends = torch.cumsum(counts, 0)
-    rows = rank - (ends - counts)[flat] + (offsets - owned).to(torch.int64)[flat]
-    return SlotLayout(rows.view(N, K), counts, offsets, buffer_rows(N * K, n_experts, multiple))
+    rows = sorted_positions(idx_NK)[0]
+    if multiple <= 1:
+        return SlotLayout(rows, counts, torch.cumsum(counts, 0, dtype=torch.int32), flat.numel())
+    padded = pad_offsets_to(counts, multiple, num_rows=flat.numel())
+    return SlotLayout(padded.dest_rows[rows], counts, padded.offsets, padded.num_rows)
 
 
 def route_backward(scores_NE: torch.Tensor, idx_NK: torch.Tensor, dw_NK: torch.Tensor | None,
