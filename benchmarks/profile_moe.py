@@ -1,6 +1,7 @@
 """Where the time of one MoE layer's forward + backward goes: a torch.profiler table per variant.
 
     python benchmarks/profile_moe.py [--variants bf16,fp8] [--tokens 16384] [--rows 25] [--by-op 30] [--gaps 20]
+                                     [--sort self_cpu_time_total]
 
 The layer is the benchmark shape of bench_fp8_model.py (64 experts top-6, 2 shared, hidden
 2048, width 1408), bf16, random weights and inputs. Prints, per variant, the host syncs of one
@@ -109,6 +110,8 @@ def main():
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--by-op", type=int, default=0, help="also list the N ops with the most GPU time, with shapes")
     p.add_argument("--gaps", type=int, default=0, help="also list the N longest GPU idle gaps between kernels")
+    p.add_argument("--sort", default="cuda_time_total",
+                   help="the table's order: cuda_time_total, or self_cpu_time_total for what the CPU spends issuing")
     a = p.parse_args()
     for variant in a.variants.split(","):
         moe, x, dy = benchmark_layer(variant, a.tokens)
@@ -135,7 +138,7 @@ def main():
         kernel_us = kernel_time_us(prof)
         print(f"\n### {variant}: 3 forward+backward passes, {a.tokens} tokens; per pass: wall {wall:.2f} ms "
               f"(do_bench median), GPU kernels {kernel_us / 3e3:.2f} ms")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by=a.sort, row_limit=a.rows, max_name_column_width=60))
         if a.by_op:
             print(kernels_by_op(prof, a.by_op))
         if a.gaps:

@@ -166,7 +166,7 @@ def test_packed_swiglu_fn_matches_float64_and_returns_one_side_by_side_gradient(
     g = torch.Generator().manual_seed(5)
     gu, dh = torch.randn(29, 2 * 72, generator=g) * 2, torch.randn(29, 72, generator=g)
     a = gu.clone().requires_grad_(True)
-    h = S._PackedSwiGLUFn.apply(a)
+    h = S._PackedSwiGLUFn.apply(a, None)
     h.backward(dh)
     g64 = gu.double().requires_grad_(True)
     (F.silu(g64[:, :72]) * g64[:, 72:]).backward(dh.double())
@@ -174,3 +174,91 @@ def test_packed_swiglu_fn_matches_float64_and_returns_one_side_by_side_gradient(
     torch.testing.assert_close(a.grad.double(), g64.grad, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="even"):
         S.swiglu_packed(torch.randn(3, 7))
+
+
+def _weighted_problem(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    M, inter = 37, 200  # neither a multiple of the kernel's tiles
+    gu = torch.randn(M, 2 * inter, generator=g) * 3
+    dh = torch.randn(M, inter, generator=g)
+    row_w = torch.rand(M, generator=g) * 2.5
+    row_w[5] = 0.0  # a padding row
+    return gu, dh, row_w
+
+
+def test_row_weighted_swiglu_reference_matches_float64_autograd():
+    gu, dh, row_w = _weighted_problem(6)
+    g64, w64 = gu.double().requires_grad_(True), row_w.double().requires_grad_(True)
+    h64 = F.silu(g64[:, :200]) * g64[:, 200:] * w64[:, None]
+    h64.backward(dh.double())
+    h = S.swiglu_forward_reference(gu[:, :200], gu[:, 200:], row_w)
+    dgu, drow_w = S.swiglu_backward_reference(gu[:, :200], gu[:, 200:], dh, row_w)
+    torch.testing.assert_close(h.double(), h64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dgu.double(), g64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(drow_w.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    assert float(dgu[5].abs().max()) == 0.0  # a zero weight passes no gradient on
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_weighted_swiglu_triton_equals_reference(dtype):
+    gu, dh, row_w = _weighted_problem(7)
+    gu, dh = gu.to(dtype), dh.to(dtype)
+    gate, up = gu[:, :200], gu[:, 200:]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)
+    torch.testing.assert_close(S.swiglu_forward_triton(gate, up, row_w).float(),
+                               S.swiglu_forward_reference(gate, up, row_w).float(), **tol)
+    dgu, drow_w = S.swiglu_backward_triton(gate, up, dh, row_w=row_w)
+    dgu_ref, drow_w_ref = S.swiglu_backward_reference(gate, up, dh, row_w)
+    torch.testing.assert_close(dgu.float(), dgu_ref.float(), **tol)
+    torch.testing.assert_close(drow_w, drow_w_ref, rtol=1e-5, atol=1e-4)
+    dg, du, drow_w2 = S.swiglu_backward_triton(gate, up, dh, split=True, row_w=row_w)
+    assert torch.equal(torch.cat([dg, du], 1), dgu) and torch.equal(drow_w2, drow_w)
+    with pytest.raises(ValueError, match="row weights"):
+        S.swiglu_forward_triton(gate, up, row_w.double())
+
+
+def test_packed_swiglu_fn_with_row_weights_matches_float64():
+    gu, dh, row_w = _weighted_problem(8)
+    a, w = gu.clone().requires_grad_(True), row_w.clone().requires_grad_(True)
+    S._PackedSwiGLUFn.apply(a, w).backward(dh)
+    g64, w64 = gu.double().requires_grad_(True), row_w.double().requires_grad_(True)
+    (F.silu(g64[:, :200]) * g64[:, 200:] * w64[:, None]).backward(dh.double())
+    torch.testing.assert_close(a.grad.double(), g64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_experts_with_row_weights_within_fp8_tolerance_of_float64():
+    """The gate weight applied to h before the FP8 down projection: output and every gradient
+    (the row weights' included) within FP8 tolerance of float64, and measurably quantised."""
+    x, ws, dy, offsets = _problem(inter=128, seed=9)
+    row_w = torch.rand(384, generator=torch.Generator().manual_seed(10)) * 2.5
+    row_w[100:128] = 0.0
+    row_w[350:] = 0.0  # padding rows carry no weight
+
+    def fused(x, w_gate, w_up, w_down, offsets, row_w):
+        return fp8_swiglu_experts(x, torch.cat([w_gate, w_up], dim=1), w_down, offsets, row_w)
+
+    def exact(x, w_gate, w_up, w_down, offsets, row_w):
+        out, start = [], 0
+        for e, end in enumerate(offsets.tolist()):
+            xe = x[start:end]
+            out.append((F.silu(xe @ w_gate[e].T) * (xe @ w_up[e].T) * row_w[start:end, None]) @ w_down[e].T)
+            start = end
+        return torch.cat(out)
+
+    def run(fn, x, ws, row_w, dy):
+        x = x.clone().requires_grad_(True)
+        ws = [w.clone().requires_grad_(True) for w in ws]
+        row_w = row_w.clone().requires_grad_(True)
+        fn(x, *ws, offsets, row_w).backward(dy)
+        return [x.grad, *(w.grad for w in ws), row_w.grad]
+
+    got = run(fused, x, ws, row_w, dy)
+    want = run(exact, x.double(), [w.double() for w in ws], row_w.double(), dy.double())
+    y = fused(x, *ws, offsets, row_w)
+    y64 = exact(x.double(), *[w.double() for w in ws], offsets, row_w.double())
+    assert 5e-3 < rel(y, y64) < 0.08
+    for name, a, b in zip(["dx", "dW_gate", "dW_up", "dW_down", "drow_w"], got, want):
+        if name in ("dW_gate", "dW_up"):  # the empty expert's gradient is exactly 0
+            a, b = torch.cat([a[:1], a[2:]]), torch.cat([b[:1], b[2:]])
+        assert 5e-3 < rel(a, b) < 0.08, name

@@ -355,6 +355,30 @@ def check_act_quant_t_bitwise():
 
 
 @check
+def check_act_quant_dual_is_both_quantisations_bitwise():
+    """One read, both layouts: the same bits as act_quant and act_quant_t (ragged M and K, wide
+    magnitudes into the subnormals, both warp counts, a strided view)."""
+    for i, (m, k) in enumerate([(1, 64), (37, 200), (130, 257), (256, 128)]):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = rand((m, k), seed=1370 + i, dtype=dtype, wide=True)
+            rows, cols = K.act_quant_dual_triton(x)
+            assert_quant_equal(rows, R.act_quant(x))
+            assert_quant_equal(cols, R.act_quant_t(x))
+            assert cols[1].stride() == R.act_quant_t(x)[1].stride()
+    x = rand((150, 260), seed=1380, dtype=torch.bfloat16)
+    for warps in Q._DUAL_WARPS:
+        rows, cols = K.act_quant_dual_triton(x, num_warps=warps)
+        assert_quant_equal(rows, R.act_quant(x))
+        assert_quant_equal(cols, R.act_quant_t(x))
+    xt = rand((200, 140), seed=1381).t()
+    rows, cols = K.act_quant_dual_triton(xt)
+    assert_quant_equal(rows, R.act_quant(xt))
+    assert_quant_equal(cols, R.act_quant_t(xt))
+    with pytest.raises(ValueError, match="2-D"):
+        K.act_quant_dual_triton(x[None])
+
+
+@check
 def check_swiglu_act_quant_within_one_step():
     cases = [((m, k), torch.float32) for m, k in [(1, 64), (37, 200), (130, 257)]]
     cases += [((2, 19, 200), torch.bfloat16), ((130, 257), torch.bfloat16)]
@@ -391,6 +415,33 @@ def check_swiglu_act_quant_t_within_one_step():
         step = ((c & 0x7F) - (cr & 0x7F)).abs()
         assert int(step.max()) <= 1 and (step > 0).float().mean().item() <= 1e-3
         assert torch.equal(codes(K.swiglu_act_quant_t(gate, up)[0]), codes(qr))  # CPU dispatch: the reference
+
+
+@check
+def check_row_weighted_swiglu_quant_within_one_step():
+    """With per-row weights (the MoE gate weight applied before the down projection), both
+    SwiGLU quantisations against the reference of the weighted fp32 product, by the same rules."""
+    m, k = 150, 200
+    gu = (rand((m, 2 * k), seed=1480) * 3).to(torch.bfloat16)
+    gate, up = gu[:, :k], gu[:, k:]
+    row_w = torch.rand(m, generator=torch.Generator().manual_seed(1481)) * 2.5
+    row_w[7] = 0.0  # a padding row
+    ref_h = R.swiglu(gate, up, row_w)
+    for got, want in ((K.swiglu_act_quant_triton(gate, up, row_w=row_w), R.act_quant(ref_h)),
+                      (K.swiglu_act_quant_t_triton(gate, up, row_w=row_w), R.act_quant_t(ref_h))):
+        (q, s), (qr, sr) = got, want
+        assert q.shape == qr.shape and s.shape == sr.shape
+        assert bool(((s - sr).abs() <= 1e-6 * sr).all())
+        c, cr = codes(q).int(), codes(qr).int()
+        assert bool((((c ^ cr) & 0x80) == 0).all())
+        step = ((c & 0x7F) - (cr & 0x7F)).abs()
+        assert int(step.max()) <= 1 and (step > 0).float().mean().item() <= 1e-3
+    # the weights change the result: not a no-op flag
+    assert not torch.equal(codes(K.swiglu_act_quant_triton(gate, up, row_w=row_w)[0]),
+                           codes(K.swiglu_act_quant_triton(gate, up)[0]))
+    assert torch.equal(codes(K.swiglu_act_quant(gate, up, row_w)[0]), codes(R.swiglu_act_quant(gate, up, row_w)[0]))
+    with pytest.raises(ValueError, match="row weights"):
+        K.swiglu_act_quant_triton(gate, up, row_w=row_w[:-1])
 
 
 @check

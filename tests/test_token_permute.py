@@ -128,6 +128,83 @@ def test_triton_kernels_equal_the_references(interpreted, dtype, K, padded):
     assert torch.equal(P.dispatch_triton(xs, rows.to(torch.int32), num_rows), P.dispatch_reference(xs, rows, num_rows))
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_weighted_dispatch_and_plain_combine(interpreted, padded):
+    """The path where the gate weights travel with the rows: dispatch also writes each row's
+    weight (zero on padding rows), its backward gathers the weights' gradient back per slot,
+    and the combine is an unweighted sum; Triton against the references and a float64 loop."""
+    N, K = 19, 3
+    rows, num_rows, w, g = _routing(N=N, K=K, E=7, seed=40 + padded, padded=padded)
+    x = torch.randn(N, D, generator=g)
+    buf, row_w = P.dispatch_triton(x, rows, num_rows, w)
+    buf_ref, row_w_ref = P.dispatch(x, rows, num_rows, w)  # CPU: the references
+    assert torch.equal(buf, buf_ref) and torch.equal(row_w, row_w_ref)
+    for n in range(N):
+        for k in range(K):
+            assert row_w[rows[n, k]] == w[n, k]
+    owned = torch.zeros(num_rows, dtype=torch.bool)
+    owned[rows.flatten()] = True
+    assert bool((row_w[~owned] == 0).all())
+    dbuf, drow_w = torch.randn(num_rows, D, generator=g), torch.randn(num_rows, generator=g)
+    dx, dw = P.dispatch_backward_triton(dbuf, rows, drow_w)
+    dx_ref, dw_ref = P.dispatch_backward(dbuf, rows, drow_w)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(dw, drow_w[rows]) and torch.equal(dw_ref, dw)
+    y = torch.randn(num_rows, D, generator=g)
+    torch.testing.assert_close(P.combine_triton(y, rows, None), _loop_gather_sum(y, rows).float(),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(P.combine(y, rows, None), _loop_gather_sum(y, rows).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_weighted_dispatch_autograd_matches_float64():
+    """dispatch_weighted_tokens -> (rows times their weight, a row-wise function) -> plain
+    combine: the same sum as weighting in the combine, with gradients for x and w."""
+    from posttrain.model.dispatch import dispatch_weighted_tokens
+    rows, num_rows, w, g = _routing(N=17, K=3, E=5, seed=4, padded=True)
+    x = torch.randn(17, D, generator=g)
+    dout = torch.randn(17, D, generator=g)
+    xa, wa = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    buf, row_w = dispatch_weighted_tokens(xa, rows, wa, num_rows)
+    out = combine_tokens(torch.tanh(buf) * row_w[:, None], rows, None)
+    out.backward(dout)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = (torch.tanh(x64)[:, None] * w64[..., None]).sum(1)
+    ref.backward(dout.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xa.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wa.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    # only the weights used: the gradient still reaches w
+    wb = w.clone().requires_grad_(True)
+    _, rw = dispatch_weighted_tokens(x, rows, wb, num_rows)
+    (rw * torch.arange(num_rows, dtype=torch.float32)).sum().backward()
+    assert torch.equal(wb.grad, rows.float())
+
+
+def test_padding_rows_are_zeroed_one_by_one(interpreted):
+    """With the layout given (pad = (counts, offsets)), dispatch writes zeros into exactly the
+    rows no slot owns, found from counts and offsets alone: checked on a buffer of NaNs (owned
+    rows untouched), against the ownership the rows themselves give, and through dispatch."""
+    from posttrain.model.kernels.route import slot_layout_reference
+    g = torch.Generator().manual_seed(50)
+    N, K, E = 23, 3, 6
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(N)])  # expert E-1: none
+    lay = slot_layout_reference(idx, E, multiple=16)
+    owned = torch.zeros(lay.num_rows, dtype=torch.bool)
+    owned[lay.rows.flatten()] = True
+    assert lay.num_rows > int(lay.offsets[-1])  # rows past the last end exist too
+    pad_mask = P.zero_pad_rows_reference(lay.num_rows, lay.counts, lay.offsets)
+    assert torch.equal(pad_mask, ~owned)
+    buf = torch.full((lay.num_rows, D), float("nan"))
+    row_w = torch.full((lay.num_rows,), float("nan"))
+    P._zero_pad_rows(buf, row_w, (lay.counts, lay.offsets), interpret=True)
+    assert bool((buf[~owned] == 0).all()) and bool(buf[owned].isnan().all())
+    assert bool((row_w[~owned] == 0).all()) and bool(row_w[owned].isnan().all())
+    x, w = torch.randn(N, D, generator=g), torch.rand(N, K, generator=g)
+    got, got_w = P.dispatch_triton(x, lay.rows, lay.num_rows, w, pad=(lay.counts, lay.offsets))
+    assert torch.equal(got, P.dispatch_reference(x, lay.rows, lay.num_rows))
+    assert torch.equal(got_w, P.row_weights_reference(w, lay.rows, lay.num_rows))
+
+
 def test_triton_kernels_without_tokens(interpreted):
     rows = torch.empty(0, 3, dtype=torch.int64)
     assert P.dispatch_triton(torch.randn(0, D), rows, 0).shape == (0, D)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
-from .dispatch import combine_tokens, dispatch_tokens
+from .dispatch import combine_tokens, dispatch_tokens, dispatch_weighted_tokens
 from . import layers
 from .grouped_mm import grouped_mm
 from .kernels import route as route_kernels
@@ -150,6 +150,12 @@ def fuse_shared_add(x_ND: torch.Tensor) -> bool:
     return x_ND.is_cuda
 
 
+def weights_before_down(x_ND: torch.Tensor) -> bool:
+    """Whether the gate weights scale the experts' SwiGLU outputs (before the down projection)
+    rather than their outputs in the combine: on the GPU, without expert parallelism."""
+    return x_ND.is_cuda
+
+
 class Router(nn.Module):
     """The gate: affinity weights [E, D] and the selection bias [E] (a float32 buffer)."""
 
@@ -197,8 +203,10 @@ class GroupedExperts(nn.Module):
         # parallelism these gradients already sum every EP peer's tokens; see parallel.py).
         self.grad_scale = 1.0
 
-    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """x rows sorted by expert; offsets are the cumulative row ends per expert."""
+    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, row_w_M: torch.Tensor | None = None) -> torch.Tensor:
+        """x rows sorted by expert; offsets are the cumulative row ends per expert. row_w_M
+        (float32 [M]): each row's gate weight, applied to its SwiGLU output before the down
+        projection (see `MoE.routed`)."""
         if x_MD.shape[0] == 0:
             # No rows here (possible under expert parallelism): keep the weights and the input in
             # the graph, so the weights get (zero) gradients and backward reaches the all-to-all
@@ -210,16 +218,17 @@ class GroupedExperts(nn.Module):
             w_gate_up, w_down = (_ScaleGrad.apply(w, self.grad_scale) for w in (w_gate_up, w_down))
         if self.fp8:
             from .fp8_experts import fp8_swiglu_experts
-            return fp8_swiglu_experts(x_MD, w_gate_up, w_down, offsets_E)
+            return fp8_swiglu_experts(x_MD, w_gate_up, w_down, offsets_E, row_w_M)
         if x_MD.is_cuda or layers.PACK_ON_CPU:
             # gate and up as one GEMM: x is read once, and backward needs one input-gradient GEMM
             # (K = 2I) instead of two plus the sum of their outputs
-            h = swiglu_packed(grouped_mm(x_MD, w_gate_up.transpose(1, 2), offsets_E))
+            h = swiglu_packed(grouped_mm(x_MD, w_gate_up.transpose(1, 2), offsets_E), row_w_M)
         else:
             # CPU: two GEMMs, so the CPU numbers stay those of separate projections (layers.py)
             w_gate, w_up = w_gate_up.split(w_down.shape[2], dim=1)
-            h = swiglu(grouped_mm(x_MD, w_gate.transpose(1, 2), offsets_E),
-                       grouped_mm(x_MD, w_up.transpose(1, 2), offsets_E))
+            gate = grouped_mm(x_MD, w_gate.transpose(1, 2), offsets_E)
+            up = grouped_mm(x_MD, w_up.transpose(1, 2), offsets_E)
+            h = swiglu(gate, up) if row_w_M is None else swiglu_packed(torch.cat([gate, up], 1), row_w_M)
         return grouped_mm(h, w_down.transpose(1, 2), offsets_E)
 
 
@@ -402,13 +411,26 @@ class MoE(nn.Module):
         (`slot_layout`). No host sync (the buffer's size is a static bound). Dispatch and combine
         are permutations plus a sum over a fixed axis, never a scatter-add with collisions, so
         gradients do not change run to run.
+
+        On the GPU (no expert parallelism) the gate weight multiplies each row's SwiGLU output
+        instead of the expert's output, which is the same sum since the down projection is
+        linear: the combine becomes a plain sum, and its backward no longer reads the experts'
+        outputs (which then need not be kept: 2 bytes x K x D per token and layer), while the
+        weight's gradient comes out of the SwiGLU backward, which reads that row anyway.
         """
+        pad = (layout.counts, layout.offsets)  # lets dispatch zero only the padding rows
+        if self.ep_group is None and weights_before_down(x_ND):
+            x_MD, row_w = dispatch_weighted_tokens(x_ND, layout.rows, weights_NK, layout.num_rows, pad)
+            y_MD = self.experts(x_MD, layout.offsets, row_w)
+            if residual_ND is not None:
+                residual_ND = residual_ND.to(y_MD.dtype)
+            return combine_tokens(y_MD, layout.rows, None, residual_ND, pad).to(x_ND.dtype)
         if self.ep_group is not None:
             from .parallel import expert_parallel_experts
             x_MD = dispatch_tokens(x_ND, layout.rows, layout.num_rows)
             y_MD = expert_parallel_experts(x_MD, layout.counts, self.run_local_experts, self.ep_group)
         else:
-            y_MD = self.experts(dispatch_tokens(x_ND, layout.rows, layout.num_rows), layout.offsets)
+            y_MD = self.experts(dispatch_tokens(x_ND, layout.rows, layout.num_rows, pad), layout.offsets)
         if residual_ND is not None:
             residual_ND = residual_ND.to(y_MD.dtype)
         return combine_tokens(y_MD, layout.rows, weights_NK, residual_ND).to(x_ND.dtype)

@@ -65,6 +65,8 @@ class Built(NamedTuple):
     weight: object
     act_tuned: object    # autotuned wrappers of the same kernels (GPU)
     act_t_tuned: object
+    dual: object         # both 1x128 quantisations of one tensor in one pass
+    dual_tuned: object
 
 
 _BUILT: Built | None = None
@@ -156,11 +158,12 @@ _ROW_CONFIGS = [
 ]
 
 
-def _act_quant_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
+def _act_quant_kernel(x_ptr, g_ptr, w_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
                       stride_xm, stride_xk, stride_gm, stride_gk, stride_qm, stride_sm,
-                      SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr,
+                      SWIGLU: tl.constexpr, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr,
                       EMULATE_RNE: tl.constexpr):
-    """One program: BLOCK_M rows x GROUPS tiles of 128. With SWIGLU, x is `up` and g is `gate`."""
+    """One program: BLOCK_M rows x GROUPS tiles of 128. With SWIGLU, x is `up` and g is `gate`;
+    with HAS_W, each row is multiplied by its weight w[row] (float32) before quantising."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -173,6 +176,8 @@ def _act_quant_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
     if SWIGLU:
         g = tl.load(g_ptr + r3 * stride_gm + c3 * stride_gk, mask=mask, other=0.0).to(tl.float32)
         x = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * x                       # silu(gate) * up, fp32
+    if HAS_W:
+        x = x * tl.load(w_ptr + r3, mask=r3 < M, other=0.0)
     amax = _absmax(x, 2)                                                   # [BM, G]
     q, s = _quant_tile(x, amax[:, :, None], EMULATE_RNE)
     tl.store(q_ptr + r3 * stride_qm + c3, q, mask=mask)
@@ -183,25 +188,33 @@ def _act_quant_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
 
 
 
-def _launch_rows(built: Built, x2: torch.Tensor, g2: torch.Tensor | None, config: tuple[int, int, int] | None):
+def _check_row_w(row_w: torch.Tensor | None, m: int) -> None:
+    if row_w is not None and (row_w.shape != (m,) or row_w.dtype != torch.float32):
+        raise ValueError(f"row weights must be float32 [{m}], got {row_w.dtype} {tuple(row_w.shape)}")
+
+
+def _launch_rows(built: Built, x2: torch.Tensor, g2: torch.Tensor | None, config: tuple[int, int, int] | None,
+                 row_w: torch.Tensor | None = None):
     m, k = x2.shape
+    _check_row_w(row_w, m)
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=x2.device)
     s = torch.empty(m, cdiv(k, BLOCK), dtype=torch.float32, device=x2.device)
     if m == 0 or k == 0:
         return q, s
     g = g2 if g2 is not None else x2
-    args = (x2, g, q, s, m, k, m_bucket(m), x2.stride(0), x2.stride(1), g.stride(0), g.stride(1),
-            q.stride(0), s.stride(0))
+    args = (x2, g, row_w if row_w is not None else s, q, s, m, k, m_bucket(m), x2.stride(0), x2.stride(1),
+            g.stride(0), g.stride(1), q.stride(0), s.stride(0))
     swiglu = g2 is not None
     n_groups = cdiv(k, BLOCK)
     if config is None and not built.interpret:
         def grid(meta):
             return cdiv(m, meta["BLOCK_M"]), cdiv(n_groups, meta["GROUPS"])
-        built.act_tuned[grid](*args, SWIGLU=swiglu, EMULATE_RNE=False)
+        built.act_tuned[grid](*args, SWIGLU=swiglu, HAS_W=row_w is not None, EMULATE_RNE=False)
     else:  # a fixed tile: under the interpreter (no benchmarking there) or when a test asks
         bm, groups, warps = config or (8, 2, 4)
         built.act[(cdiv(m, bm), cdiv(n_groups, groups))](
-            *args, SWIGLU=swiglu, BLOCK_M=bm, GROUPS=groups, EMULATE_RNE=built.interpret, num_warps=warps)
+            *args, SWIGLU=swiglu, HAS_W=row_w is not None, BLOCK_M=bm, GROUPS=groups, EMULATE_RNE=built.interpret,
+            num_warps=warps)
     return q, s
 
 
@@ -217,13 +230,14 @@ def act_quant_triton(x: torch.Tensor, config: tuple[int, int, int] | None = None
 
 
 def swiglu_act_quant_triton(gate: torch.Tensor, up: torch.Tensor,
-                            config: tuple[int, int, int] | None = None):
-    """act_quant(silu(gate) * up) fused: one read of each input, the product never leaves fp32."""
+                            config: tuple[int, int, int] | None = None, row_w: torch.Tensor | None = None):
+    """act_quant(silu(gate) * up) fused: one read of each input, the product never leaves fp32.
+    row_w (float32, one per row of the 2-D row view) multiplies each row first."""
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     built = require_triton(gate, up)
     k = up.shape[-1]
-    q, s = _launch_rows(built, up.reshape(-1, k), gate.reshape(-1, k), config)
+    q, s = _launch_rows(built, up.reshape(-1, k), gate.reshape(-1, k), config, row_w)
     return q.view(up.shape), s.view(*up.shape[:-1], s.shape[-1])
 
 
@@ -235,11 +249,13 @@ _T_CONFIGS = [
 ]
 
 
-def _act_quant_t_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
+def _act_quant_t_kernel(x_ptr, g_ptr, w_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
                         stride_xm, stride_xk, stride_gm, stride_gk, stride_qk, stride_sk, stride_sm,
-                        SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE_RNE: tl.constexpr):
+                        SWIGLU: tl.constexpr, HAS_W: tl.constexpr, BLOCK_K: tl.constexpr,
+                        EMULATE_RNE: tl.constexpr):
     """One program: x[128 rows, BLOCK_K cols] -> q_t[BLOCK_K, 128] and s_t[BLOCK_K, 1].
-    With SWIGLU, x is `up` and g is `gate`, and silu(gate) * up is quantised.
+    With SWIGLU, x is `up` and g is `gate`, and silu(gate) * up is quantised; with HAS_W each
+    row is first multiplied by its weight w[row].
 
     x is read along its contiguous K (coalesced); the amax runs down the 128 rows, and the
     transposed store lets the compiler stage the tile through shared memory, so x.T never
@@ -256,29 +272,34 @@ def _act_quant_t_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, M_BUCKET,
         g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gk, mask=mask, other=0.0)
         g = g.to(tl.float32)
         x = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * x
+    if HAS_W:
+        x = x * tl.load(w_ptr + rows, mask=rows < M, other=0.0)[:, None]
     amax = _absmax(x, 0)                                                   # [BLOCK_K]
     q, s = _quant_tile(x, amax[None, :], EMULATE_RNE)
     tl.store(q_ptr + cols[None, :] * stride_qk + rows[:, None], q, mask=mask)
     tl.store(s_ptr + cols * stride_sk + pid_m * stride_sm, tl.reshape(s, (BLOCK_K,)), mask=cols < K)
 
 
-def _launch_t(built: Built, x: torch.Tensor, g: torch.Tensor | None, config: tuple[int, int] | None):
+def _launch_t(built: Built, x: torch.Tensor, g: torch.Tensor | None, config: tuple[int, int] | None,
+              row_w: torch.Tensor | None = None):
     m, k = x.shape
+    _check_row_w(row_w, m)
     q = torch.empty(k, m, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty(cdiv(m, BLOCK), k, dtype=torch.float32, device=x.device).t()
     if m == 0 or k == 0:
         return q, s
     gg = g if g is not None else x
-    args = (x, gg, q, s, m, k, m_bucket(m), x.stride(0), x.stride(1), gg.stride(0), gg.stride(1),
-            q.stride(0), s.stride(0), s.stride(1))
+    args = (x, gg, row_w if row_w is not None else s, q, s, m, k, m_bucket(m), x.stride(0), x.stride(1),
+            gg.stride(0), gg.stride(1), q.stride(0), s.stride(0), s.stride(1))
+    flags = dict(SWIGLU=g is not None, HAS_W=row_w is not None)
     if config is None and not built.interpret:
         def grid(meta):
             return cdiv(k, meta["BLOCK_K"]), cdiv(m, BLOCK)
-        built.act_t_tuned[grid](*args, SWIGLU=g is not None, EMULATE_RNE=False)
+        built.act_t_tuned[grid](*args, **flags, EMULATE_RNE=False)
     else:
         bk, warps = config or (32, 4)
-        built.act_t[(cdiv(k, bk), cdiv(m, BLOCK))](*args, SWIGLU=g is not None, BLOCK_K=bk,
-                                                   EMULATE_RNE=built.interpret, num_warps=warps)
+        built.act_t[(cdiv(k, bk), cdiv(m, BLOCK))](*args, **flags, BLOCK_K=bk, EMULATE_RNE=built.interpret,
+                                                   num_warps=warps)
     return q, s
 
 
@@ -295,12 +316,63 @@ def act_quant_t_triton(x: torch.Tensor, config: tuple[int, int] | None = None):
     return _launch_t(require_triton(x), x, None, config)
 
 
-def swiglu_act_quant_t_triton(gate: torch.Tensor, up: torch.Tensor, config: tuple[int, int] | None = None):
+def swiglu_act_quant_t_triton(gate: torch.Tensor, up: torch.Tensor, config: tuple[int, int] | None = None,
+                              row_w: torch.Tensor | None = None):
     """act_quant_t(silu(gate) * up) fused: the product is formed in fp32 and never stored (the
-    FP8 experts' weight gradient of the down projection recomputes it this way)."""
+    FP8 experts' weight gradient of the down projection recomputes it this way). row_w
+    (float32 [M]) multiplies each row first."""
     if gate.dim() != 2 or gate.shape != up.shape:
         raise ValueError(f"gate and up must share one [M, I] shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
-    return _launch_t(require_triton(gate, up), up, gate, config)
+    return _launch_t(require_triton(gate, up), up, gate, config, row_w)
+
+
+# ----------------------------------------------------------------------------- both at once
+
+_DUAL_WARPS = (4, 8)
+
+
+def _act_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, M_BUCKET,
+                           stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk, stride_stm,
+                           EMULATE_RNE: tl.constexpr):
+    """One program: a 128 x 128 tile of x, quantised along its rows (q, s: act_quant's tiles)
+    and along its columns (q_t, s_t: act_quant_t's tiles), from one read."""
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * 128 + tl.arange(0, 128)
+    cols = pid_k * 128 + tl.arange(0, 128)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    q, s = _quant_tile(x, _absmax(x, 1)[:, None], EMULATE_RNE)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows * stride_sm + pid_k, tl.reshape(s, (128,)), mask=rows < M)
+    qt, st = _quant_tile(x, _absmax(x, 0)[None, :], EMULATE_RNE)
+    tl.store(qt_ptr + cols[None, :].to(tl.int64) * stride_qtk + rows[:, None], qt, mask=mask)
+    tl.store(st_ptr + cols * stride_stk + pid_m * stride_stm, tl.reshape(st, (128,)), mask=cols < K)
+
+
+def act_quant_dual_triton(x: torch.Tensor, num_warps: int | None = None):
+    """x [M, K] -> ((q, s), (q_t, s_t)): `act_quant_triton(x)` and `act_quant_t_triton(x)` (the
+    same bits), reading x once. The FP8 layers quantise their input and their output gradient
+    both ways (one for the GEMM that consumes it, one for the weight gradient); separately,
+    each tensor was read twice. `num_warps` pins the launch instead of autotuning (tests)."""
+    if x.dim() != 2:
+        raise ValueError(f"act_quant_dual takes a 2-D tensor, got shape {tuple(x.shape)}")
+    built = require_triton(x)
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, cdiv(k, BLOCK), dtype=torch.float32, device=x.device)
+    q_t = torch.empty(k, m, dtype=FP8_DTYPE, device=x.device)
+    s_t = torch.empty(cdiv(m, BLOCK), k, dtype=torch.float32, device=x.device).t()
+    if m and k:
+        args = (x, q, s, q_t, s_t, m, k, m_bucket(m), x.stride(0), x.stride(1), q.stride(0), s.stride(0),
+                q_t.stride(0), s_t.stride(0), s_t.stride(1))
+        grid = (cdiv(k, BLOCK), cdiv(m, BLOCK))
+        if num_warps is None and not built.interpret:
+            built.dual_tuned[grid](*args, EMULATE_RNE=False)
+        else:
+            built.dual[grid](*args, EMULATE_RNE=built.interpret, num_warps=num_warps or 4)
+    return (q, s), (q_t, s_t)
 
 
 # ----------------------------------------------------------------------------- 128x128 weights
@@ -433,11 +505,14 @@ def build() -> Built:
     weight = triton.jit(_weight_quant_kernel)
     act_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "GROUPS": g}, num_warps=w) for bm, g, w in _ROW_CONFIGS],
-        key=["K", "M_BUCKET", "SWIGLU"])(act)
+        key=["K", "M_BUCKET", "SWIGLU", "HAS_W"])(act)
     act_t_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in _T_CONFIGS],
-        key=["K", "M_BUCKET", "SWIGLU"])(act_t)
-    _BUILT = Built(triton, triton_language, interpret, act, act_t, weight, act_tuned, act_t_tuned)
+        key=["K", "M_BUCKET", "SWIGLU", "HAS_W"])(act_t)
+    dual = triton.jit(_act_quant_dual_kernel)
+    dual_tuned = triton.autotune(configs=[triton.Config({}, num_warps=w) for w in _DUAL_WARPS],
+                                 key=["K", "M_BUCKET"])(dual)
+    _BUILT = Built(triton, triton_language, interpret, act, act_t, weight, act_tuned, act_t_tuned, dual, dual_tuned)
     return _BUILT
 
 
@@ -457,16 +532,27 @@ def act_quant_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return act_quant_t_triton(x) if _use_triton(x) else ref.act_quant_t(x)
 
 
-def swiglu_act_quant(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused silu(gate) * up -> 1x128 FP8: Triton on CUDA, else torch."""
-    return swiglu_act_quant_triton(gate, up) if _use_triton(gate, up) else ref.swiglu_act_quant(gate, up)
+def act_quant_dual(x: torch.Tensor):
+    """((q, s), (q_t, s_t)) = (act_quant(x), act_quant_t(x)) of x [M, K], one read of x on CUDA."""
+    if _use_triton(x):
+        return act_quant_dual_triton(x)
+    return ref.act_quant(x), ref.act_quant_t(x)
 
 
-def swiglu_act_quant_t(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused silu(gate) * up -> 1x128 FP8 of its transpose: Triton on CUDA, else torch."""
+def swiglu_act_quant(gate: torch.Tensor, up: torch.Tensor,
+                     row_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused (row_w *) silu(gate) * up -> 1x128 FP8: Triton on CUDA, else torch."""
     if _use_triton(gate, up):
-        return swiglu_act_quant_t_triton(gate, up)
-    return ref.act_quant_t(ref.swiglu(gate, up))
+        return swiglu_act_quant_triton(gate, up, row_w=row_w)
+    return ref.swiglu_act_quant(gate, up, row_w)
+
+
+def swiglu_act_quant_t(gate: torch.Tensor, up: torch.Tensor,
+                       row_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused (row_w *) silu(gate) * up -> 1x128 FP8 of its transpose: Triton on CUDA, else torch."""
+    if _use_triton(gate, up):
+        return swiglu_act_quant_t_triton(gate, up, row_w=row_w)
+    return ref.act_quant_t(ref.swiglu(gate, up, row_w))
 
 
 def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,5 +573,5 @@ __all__ = [
     "HAVE_TRITON", "FP8_MAX", "build", "interpreting", "require_triton", "m_bucket",
     "act_quant_triton", "act_quant_t_triton", "swiglu_act_quant_triton", "weight_quant_triton",
     "act_quant", "act_quant_t", "swiglu_act_quant", "swiglu_act_quant_t", "weight_quant", "weight_quant_t",
-    "swiglu_act_quant_t_triton", "weight_quant_t_triton",
+    "swiglu_act_quant_t_triton", "weight_quant_t_triton", "act_quant_dual", "act_quant_dual_triton",
 ]

@@ -78,16 +78,24 @@ def act_quant_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q_t, s.t()
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in fp32 (the fused kernel never rounds the product to bf16)."""
-    return F.silu(gate.float()) * up.float()
+def swiglu(gate: torch.Tensor, up: torch.Tensor, row_w: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up in fp32 (the fused kernel never rounds the product to bf16), each row of
+    the [M, I] product times row_w[row] when given."""
+    h = F.silu(gate.float()) * up.float()
+    if row_w is None:
+        return h
+    if gate.dim() != 2 or row_w.shape != gate.shape[:1]:
+        raise ValueError(f"row weights need [M, I] inputs and [M] weights, got {tuple(gate.shape)} "
+                         f"and {tuple(row_w.shape)}")
+    return h * row_w.float()[:, None]
 
 
-def swiglu_act_quant(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate, up) [..., I] -> act_quant(silu(gate) * up) with the product kept in fp32."""
+def swiglu_act_quant(gate: torch.Tensor, up: torch.Tensor,
+                     row_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) [..., I] -> act_quant((row_w *) silu(gate) * up) with the product kept in fp32."""
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
-    return act_quant(swiglu(gate, up))
+    return act_quant(swiglu(gate, up, row_w))
 
 
 def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
