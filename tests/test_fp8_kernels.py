@@ -355,30 +355,6 @@ def check_act_quant_t_bitwise():
 
 
 @check
-def check_act_quant_dual_is_both_quantisations_bitwise():
-    """One read, both layouts: the same bits as act_quant and act_quant_t (ragged M and K, wide
-    magnitudes into the subnormals, both warp counts, a strided view)."""
-    for i, (m, k) in enumerate([(1, 64), (37, 200), (130, 257), (256, 128)]):
-        for dtype in (torch.float32, torch.bfloat16):
-            x = rand((m, k), seed=1370 + i, dtype=dtype, wide=True)
-            rows, cols = K.act_quant_dual_triton(x)
-            assert_quant_equal(rows, R.act_quant(x))
-            assert_quant_equal(cols, R.act_quant_t(x))
-            assert cols[1].stride() == R.act_quant_t(x)[1].stride()
-    x = rand((150, 260), seed=1380, dtype=torch.bfloat16)
-    for warps in Q._DUAL_WARPS:
-        rows, cols = K.act_quant_dual_triton(x, num_warps=warps)
-        assert_quant_equal(rows, R.act_quant(x))
-        assert_quant_equal(cols, R.act_quant_t(x))
-    xt = rand((200, 140), seed=1381).t()
-    rows, cols = K.act_quant_dual_triton(xt)
-    assert_quant_equal(rows, R.act_quant(xt))
-    assert_quant_equal(cols, R.act_quant_t(xt))
-    with pytest.raises(ValueError, match="2-D"):
-        K.act_quant_dual_triton(x[None])
-
-
-@check
 def check_swiglu_act_quant_within_one_step():
     cases = [((m, k), torch.float32) for m, k in [(1, 64), (37, 200), (130, 257)]]
     cases += [((2, 19, 200), torch.bfloat16), ((130, 257), torch.bfloat16)]

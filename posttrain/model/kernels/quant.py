@@ -65,8 +65,6 @@ class Built(NamedTuple):
     weight: object
     act_tuned: object    # autotuned wrappers of the same kernels (GPU)
     act_t_tuned: object
-    dual: object         # both 1x128 quantisations of one tensor in one pass
-    dual_tuned: object
 
 
 _BUILT: Built | None = None
@@ -326,55 +324,6 @@ def swiglu_act_quant_t_triton(gate: torch.Tensor, up: torch.Tensor, config: tupl
     return _launch_t(require_triton(gate, up), up, gate, config, row_w)
 
 
-# ----------------------------------------------------------------------------- both at once
-
-_DUAL_WARPS = (4, 8)
-
-
-def _act_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, M_BUCKET,
-                           stride_xm, stride_xk, stride_qm, stride_sm, stride_qtk, stride_stk, stride_stm,
-                           EMULATE_RNE: tl.constexpr):
-    """One program: a 128 x 128 tile of x, quantised along its rows (q, s: act_quant's tiles)
-    and along its columns (q_t, s_t: act_quant_t's tiles), from one read."""
-    pid_k = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * 128 + tl.arange(0, 128)
-    cols = pid_k * 128 + tl.arange(0, 128)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    q, s = _quant_tile(x, _absmax(x, 1)[:, None], EMULATE_RNE)
-    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
-    tl.store(s_ptr + rows * stride_sm + pid_k, tl.reshape(s, (128,)), mask=rows < M)
-    qt, st = _quant_tile(x, _absmax(x, 0)[None, :], EMULATE_RNE)
-    tl.store(qt_ptr + cols[None, :].to(tl.int64) * stride_qtk + rows[:, None], qt, mask=mask)
-    tl.store(st_ptr + cols * stride_stk + pid_m * stride_stm, tl.reshape(st, (128,)), mask=cols < K)
-
-
-def act_quant_dual_triton(x: torch.Tensor, num_warps: int | None = None):
-    """x [M, K] -> ((q, s), (q_t, s_t)): `act_quant_triton(x)` and `act_quant_t_triton(x)` (the
-    same bits), reading x once. The FP8 layers quantise their input and their output gradient
-    both ways (one for the GEMM that consumes it, one for the weight gradient); separately,
-    each tensor was read twice. `num_warps` pins the launch instead of autotuning (tests)."""
-    if x.dim() != 2:
-        raise ValueError(f"act_quant_dual takes a 2-D tensor, got shape {tuple(x.shape)}")
-    built = require_triton(x)
-    m, k = x.shape
-    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(m, cdiv(k, BLOCK), dtype=torch.float32, device=x.device)
-    q_t = torch.empty(k, m, dtype=FP8_DTYPE, device=x.device)
-    s_t = torch.empty(cdiv(m, BLOCK), k, dtype=torch.float32, device=x.device).t()
-    if m and k:
-        args = (x, q, s, q_t, s_t, m, k, m_bucket(m), x.stride(0), x.stride(1), q.stride(0), s.stride(0),
-                q_t.stride(0), s_t.stride(0), s_t.stride(1))
-        grid = (cdiv(k, BLOCK), cdiv(m, BLOCK))
-        if num_warps is None and not built.interpret:
-            built.dual_tuned[grid](*args, EMULATE_RNE=False)
-        else:
-            built.dual[grid](*args, EMULATE_RNE=built.interpret, num_warps=num_warps or 4)
-    return (q, s), (q_t, s_t)
-
-
 # ----------------------------------------------------------------------------- 128x128 weights
 
 def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K,
@@ -509,10 +458,7 @@ def build() -> Built:
     act_t_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in _T_CONFIGS],
         key=["K", "M_BUCKET", "SWIGLU", "HAS_W"])(act_t)
-    dual = triton.jit(_act_quant_dual_kernel)
-    dual_tuned = triton.autotune(configs=[triton.Config({}, num_warps=w) for w in _DUAL_WARPS],
-                                 key=["K", "M_BUCKET"])(dual)
-    _BUILT = Built(triton, triton_language, interpret, act, act_t, weight, act_tuned, act_t_tuned, dual, dual_tuned)
+    _BUILT = Built(triton, triton_language, interpret, act, act_t, weight, act_tuned, act_t_tuned)
     return _BUILT
 
 
@@ -530,13 +476,6 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def act_quant_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """1x128 quantisation of x.T for the weight-gradient GEMM: Triton on CUDA, else torch."""
     return act_quant_t_triton(x) if _use_triton(x) else ref.act_quant_t(x)
-
-
-def act_quant_dual(x: torch.Tensor):
-    """((q, s), (q_t, s_t)) = (act_quant(x), act_quant_t(x)) of x [M, K], one read of x on CUDA."""
-    if _use_triton(x):
-        return act_quant_dual_triton(x)
-    return ref.act_quant(x), ref.act_quant_t(x)
 
 
 def swiglu_act_quant(gate: torch.Tensor, up: torch.Tensor,
@@ -573,5 +512,5 @@ __all__ = [
     "HAVE_TRITON", "FP8_MAX", "build", "interpreting", "require_triton", "m_bucket",
     "act_quant_triton", "act_quant_t_triton", "swiglu_act_quant_triton", "weight_quant_triton",
     "act_quant", "act_quant_t", "swiglu_act_quant", "swiglu_act_quant_t", "weight_quant", "weight_quant_t",
-    "swiglu_act_quant_t_triton", "weight_quant_t_triton", "act_quant_dual", "act_quant_dual_triton",
+    "swiglu_act_quant_t_triton", "weight_quant_t_triton",
 ]
