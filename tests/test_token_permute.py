@@ -192,7 +192,7 @@ def test_padding_rows_are_zeroed_one_by_one(interpreted):
     owned = torch.zeros(lay.num_rows, dtype=torch.bool)
     owned[lay.rows.flatten()] = True
     assert lay.num_rows > int(lay.offsets[-1])  # rows past the last end exist too
-    pad_mask = P.zero_pad_rows_reference(lay.num_rows, lay.counts, lay.offsets)
+    pad_mask = P.padding_rows_reference(lay.num_rows, lay.counts, lay.offsets)
     assert torch.equal(pad_mask, ~owned)
     buf = torch.full((lay.num_rows, D), float("nan"))
     row_w = torch.full((lay.num_rows,), float("nan"))

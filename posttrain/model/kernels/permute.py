@@ -218,7 +218,7 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def zero_pad_rows_reference(num_rows: int, counts_E: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+def padding_rows_reference(num_rows: int, counts_E: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """[num_rows] bool: the rows of a padded layout that no slot owns (each expert's rows past
     its count up to its padded end, and the rows past the last end)."""
     r = torch.arange(num_rows, device=offsets_E.device)
