@@ -394,33 +394,6 @@ def check_swiglu_act_quant_t_within_one_step():
 
 
 @check
-def check_row_weighted_swiglu_quant_within_one_step():
-    """With per-row weights (the MoE gate weight applied before the down projection), both
-    SwiGLU quantisations against the reference of the weighted fp32 product, by the same rules."""
-    m, k = 150, 200
-    gu = (rand((m, 2 * k), seed=1480) * 3).to(torch.bfloat16)
-    gate, up = gu[:, :k], gu[:, k:]
-    row_w = torch.rand(m, generator=torch.Generator().manual_seed(1481)) * 2.5
-    row_w[7] = 0.0  # a padding row
-    ref_h = R.swiglu(gate, up, row_w)
-    for got, want in ((K.swiglu_act_quant_triton(gate, up, row_w=row_w), R.act_quant(ref_h)),
-                      (K.swiglu_act_quant_t_triton(gate, up, row_w=row_w), R.act_quant_t(ref_h))):
-        (q, s), (qr, sr) = got, want
-        assert q.shape == qr.shape and s.shape == sr.shape
-        assert bool(((s - sr).abs() <= 1e-6 * sr).all())
-        c, cr = codes(q).int(), codes(qr).int()
-        assert bool((((c ^ cr) & 0x80) == 0).all())
-        step = ((c & 0x7F) - (cr & 0x7F)).abs()
-        assert int(step.max()) <= 1 and (step > 0).float().mean().item() <= 1e-3
-    # the weights change the result: not a no-op flag
-    assert not torch.equal(codes(K.swiglu_act_quant_triton(gate, up, row_w=row_w)[0]),
-                           codes(K.swiglu_act_quant_triton(gate, up)[0]))
-    assert torch.equal(codes(K.swiglu_act_quant(gate, up, row_w)[0]), codes(R.swiglu_act_quant(gate, up, row_w)[0]))
-    with pytest.raises(ValueError, match="row weights"):
-        K.swiglu_act_quant_triton(gate, up, row_w=row_w[:-1])
-
-
-@check
 def check_weight_quant_is_the_checkpoint_format_bitwise():
     for i, (n, k) in enumerate([(16, 64), (130, 257), (256, 128), (1, 200)]):
         for dtype in (torch.float32, torch.bfloat16):
