@@ -35,7 +35,7 @@ from .kernels import route as route_kernels
 from .kernels.quant import HAVE_TRITON
 from .kernels.route import SlotLayout, slot_layout, slot_layout_reference
 from .kernels.router_gemm import mm_f32
-from .kernels.swiglu import swiglu, swiglu_packed
+from .kernels.swiglu import swiglu, swiglu_forward_reference, swiglu_packed
 from .layers import MLP
 from .recompute import recomputing
 
@@ -228,7 +228,7 @@ class GroupedExperts(nn.Module):
             w_gate, w_up = w_gate_up.split(w_down.shape[2], dim=1)
             gate = grouped_mm(x_MD, w_gate.transpose(1, 2), offsets_E)
             up = grouped_mm(x_MD, w_up.transpose(1, 2), offsets_E)
-            h = swiglu(gate, up) if row_w_M is None else swiglu_packed(torch.cat([gate, up], 1), row_w_M)
+            h = swiglu(gate, up) if row_w_M is None else swiglu_forward_reference(gate, up, row_w_M)
         return grouped_mm(h, w_down.transpose(1, 2), offsets_E)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .quant import _use_triton, interpreting, jit_kernels, require_triton
+from . import reference
 from .reference import cdiv
 
 tl = None  # bound by _kernels(); the kernel bodies look it up as a module global
@@ -43,9 +44,7 @@ def _tile_config() -> tuple[int, int, int]:
 def swiglu_forward_reference(gate: torch.Tensor, up: torch.Tensor, row_w: torch.Tensor | None = None) -> torch.Tensor:
     """(row_w *) silu(g) * u in the inputs' dtype, computed in float32."""
     _check(gate, up, up, row_w)
-    g = gate.float()
-    h = g * torch.sigmoid(g) * up.float()
-    return (h * row_w[:, None] if row_w is not None else h).to(up.dtype)
+    return reference.swiglu(gate, up, row_w).to(up.dtype)
 
 
 def swiglu_backward_reference(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor,
@@ -244,8 +243,7 @@ def swiglu_packed(gate_up: torch.Tensor, row_w: torch.Tensor | None = None) -> t
     if not _use_triton(gate_up):
         if row_w is None:
             return swiglu(gate_up[..., :i], gate_up[..., i:])
-        g = gate_up[:, :i].float()
-        return (torch.nn.functional.silu(g) * gate_up[:, i:].float() * row_w[:, None]).to(gate_up.dtype)
+        return swiglu_forward_reference(gate_up[:, :i], gate_up[:, i:], row_w)
     lead = gate_up.shape[:-1]
     h = _PackedSwiGLUFn.apply(gate_up.reshape(-1, 2 * i), row_w)
     return h.view(*lead, i)
