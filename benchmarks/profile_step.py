@@ -1,10 +1,12 @@
 """Where the time of one training step of the V3-shaped model goes (bench_fp8_model.py's step).
 
-    python benchmarks/profile_step.py [--variants bf16,fp8] [--rows 20] [--by-op 40]
+    python benchmarks/profile_step.py [--variants bf16,fp8] [--rows 20] [--by-op 40] [--python 30]
 
 Per variant: host syncs in one forward + backward (each drains the GPU queue), the wall time
 of a step (do_bench median) against the GPU kernel time of one (torch.profiler): the
-difference is the GPU waiting for the CPU. Then the top GPU kernels.
+difference is the GPU waiting for the CPU. Then the top GPU kernels. With --python N, also the
+CPU's side: how long issuing one step takes (the call returns before the GPU is done unless
+something syncs), and the N Python functions with the most own time under cProfile.
 """
 
 from __future__ import annotations
@@ -22,11 +24,38 @@ from bench_fp8_model import build_ours, hf_config, our_args, synthetic_batches  
 from profile_moe import host_syncs, kernel_time_us, kernels_by_op  # noqa: E402
 
 
+def host_cost(step, rows: int) -> str:
+    """The CPU's time to issue one step (median of 5, the GPU idle at the start, so the call
+    returns as soon as everything is queued) and a cProfile table of one step by own time."""
+    import cProfile
+    import io
+    import pstats
+    import time
+    issue = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        issue.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+    return f"    CPU issue time of one step: {sorted(issue)[2]:.1f} ms (median of 5)\n" + out.getvalue()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--variants", default="bf16,fp8")
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--by-op", type=int, default=0, help="also list the N ops with the most GPU time, with shapes")
+    p.add_argument("--python", type=int, default=0, help="also the CPU issue time and the N costliest Python functions")
     a = p.parse_args()
     args = our_args(hf_config(False))
     ids = synthetic_batches(args.vocab_size, 4, 2048, 1)[0]
@@ -56,6 +85,8 @@ def main():
         print(avg.table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60))
         if a.by_op:
             print(kernels_by_op(prof, a.by_op))
+        if a.python:
+            print(host_cost(step, a.python))
         del m
         torch.cuda.empty_cache()
 

@@ -341,19 +341,24 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K,
     rows = pid_n * 128 + tl.arange(0, 128)
     cols = pid_k * 128 + tl.arange(0, 128)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
-    w = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
-                mask=mask, other=0.0).to(tl.float32)
+    w_in = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                   mask=mask, other=0.0)
+    w = w_in.to(tl.float32)
     amax = _absmax(w, None)
     q, s = _quant_tile(w, amax, EMULATE_RNE)
     tl.store(q_ptr + e * stride_qe + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
     tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
     if TRANSPOSED:
-        tl.store(qt_ptr + e * stride_qte + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q),
+        # The tile is transposed in its input dtype and quantised a second time (same scale,
+        # same bytes): moving 2-byte elements through shared memory ran 1.36x faster on an
+        # H100 than transposing the 1-byte FP8 tile (benchmarks/tune_weight_quant.py).
+        qt, _ = _quant_tile(tl.trans(w_in).to(tl.float32), amax, EMULATE_RNE)
+        tl.store(qt_ptr + e * stride_qte + cols[:, None] * stride_qtk + rows[None, :], qt,
                  mask=tl.trans(mask))
         tl.store(st_ptr + e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
 
 
-_WEIGHT_WARPS = 16  # one 128x128 block per program; 16 warps beat 8 by 1.2x on an H100 (RESULTS.md)
+_WEIGHT_WARPS = 8  # one 128x128 block per program (benchmarks/tune_weight_quant.py, RESULTS.md)
 
 
 def _quant_weight_into(built: Built, w3: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
