@@ -13,18 +13,15 @@ training step starts), on the step's shape (4 x 2048 tokens, hidden 2048):
   here: the default choice, cuDNN, memory-efficient, and flash with v zero-padded to 192;
 * the fused kernels the step uses (RMSNorm, cross-entropy, MLA q/k/v assembly) against the torch
   compositions they replace: error of both against float64, time of both (fwd + bwd);
-* with --cprofile N: the N Python functions with the most own time in one step (cProfile),
-  which shows what the CPU does while the GPU waits.
+* with --cprofile N: the CPU time to issue one step and the N Python functions with the most
+  own time in it (`profile_step.host_cost`), which shows what the CPU does while the GPU waits.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
-import io
 import os
-import pstats
 import sys
 
 import torch
@@ -35,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_fp8_model import bench_ms, build_ours, hf_config, our_args, synthetic_batches  # noqa: E402
 from profile_moe import kernel_time_us  # noqa: E402
+from profile_step import host_cost  # noqa: E402
 
 from posttrain.model.kernels.cross_entropy import cross_entropy  # noqa: E402
 from posttrain.model.moe import MoE  # noqa: E402
@@ -331,28 +329,7 @@ def parts_section(variant: str, cprofile_rows: int):
     cuda = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     print(f"  GPU work items in one step: {sum(e.count for e in cuda)}, {kernel_time_us(prof) / 1e3:.1f} ms of GPU time")
     if cprofile_rows:
-        import time
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        m.zero_grad(set_to_none=True)
-        loss = m.compute(ids, labels=labels, with_mtp=False).loss
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        print(f"  CPU time to queue: forward {1e3 * (t1 - t0):.1f} ms, backward {1e3 * (t2 - t1):.1f} ms; "
-              f"GPU done {1e3 * (t3 - t2):.1f} ms after")
-        step()
-        torch.cuda.synchronize()
-        pr = cProfile.Profile()
-        pr.enable()
-        step()
-        pr.disable()
-        torch.cuda.synchronize()
-        s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(cprofile_rows)
-        print("\n".join(line[:150] for line in s.getvalue().splitlines() if line.strip()))
+        print(host_cost(step, cprofile_rows))
     del m
     torch.cuda.empty_cache()
 
