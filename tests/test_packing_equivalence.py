@@ -63,3 +63,47 @@ def test_packed_batch_equals_samples_one_by_one():
             continue
         scale = b.abs().max().clamp(min=1e-12)
         assert ((a - b).abs().max() / scale) <= 1e-5, p[0]
+
+
+def test_routing_segments_worked_out_ahead_change_nothing():
+    """The trainer works out packed rows' routing sequences on the CPU batch (no GPU sync) with
+    the count rounded up to a power of two; the model then skips its own: loss, MTP losses,
+    balance loss, load counts and gradients equal those of the model's own path."""
+    from posttrain.model.moe import MoE, routing_segments_of
+
+    args = small_args(num_nextn_predict_layers=2, aux_loss_alpha=0.01)
+    model = randomize_(Transformer(args), seed=7).train()
+    g = torch.Generator().manual_seed(3)
+    B, T = 2, 24
+    x = torch.randint(0, args.vocab_size, (B, T), generator=g)
+    # row 0: three samples; row 1: two samples and padding (segment -1)
+    seg = torch.tensor([[0] * 9 + [1] * 5 + [2] * 10, [0] * 7 + [1] * 12 + [-1] * 5])
+    lab = torch.where(seg >= 0, x.roll(-1, 1), IGNORE)
+    lab[:, -1] = IGNORE
+    pos = torch.stack([torch.cat([torch.arange((r == s).sum()) for s in r.unique() if s >= 0] +
+                                 [torch.zeros(int((r < 0).sum()), dtype=torch.long)]) for r in seg])
+    rs = routing_segments_of(seg)
+    assert rs.num_sequences == 8  # 5 sequences, rounded up: batches packing 5..8 share shapes
+
+    params = list(model.parameters())
+    results = []
+    for extra in ({}, {"routing_segments": rs}):
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.tokens_per_expert.zero_()
+        out = model.compute(x, labels=lab, position_ids=pos, segment_ids=seg, **extra)
+        total = out.loss + 0.3 * sum(out.mtp_losses) + out.balance_loss
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        loads = [m.tokens_per_expert.clone() for m in model.modules() if isinstance(m, MoE)]
+        results.append((out, grads, loads))
+    (a, ga, la), (b, gb, lb) = results
+    assert torch.allclose(a.loss, b.loss, rtol=1e-6, atol=0)
+    for u, v in zip(a.mtp_losses, b.mtp_losses):
+        assert torch.allclose(u, v, rtol=1e-6, atol=0)
+    assert torch.allclose(a.balance_loss, b.balance_loss, rtol=1e-5, atol=0)
+    assert all(torch.equal(u, v) for u, v in zip(la, lb)) and all(u.sum() > 0 for u in la)
+    for (name, _), u, v in zip(model.named_parameters(), ga, gb):
+        if u is None or v is None:
+            assert u is None and v is None, name
+            continue
+        assert torch.allclose(u, v, rtol=1e-5, atol=1e-7), name

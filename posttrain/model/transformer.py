@@ -133,12 +133,16 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        routing_segments: RoutingSegments | None = None,
     ) -> torch.Tensor:
         """Final normed hidden states [B, T, D] (no cache).
 
         position_ids [B, T]: positions (default 0..T-1, or counted over attention_mask).
         segment_ids [B, T]: packed-sample ids; attention stays within a segment.
         attention_mask [B, T]: 1 for tokens, 0 for padding (keys that are padding are hidden).
+        routing_segments: the sequences of segment_ids as `routing_segments_of` makes them,
+        worked out ahead (e.g. on the CPU batch); without them packed segments cost the forward
+        one host sync.
         """
         positions = self._positions(input_ids, position_ids, attention_mask)
         cos, sin = self.rotary(positions)
@@ -147,7 +151,8 @@ class Transformer(nn.Module):
             slots = torch.arange(input_ids.shape[1], device=input_ids.device)
             mask = build_attention_mask(slots, slots, attention_mask, segment_ids)
         h = self.embed_tokens(input_ids)
-        routing_segments = _routing_segments(segment_ids, attention_mask)
+        if routing_segments is None:
+            routing_segments = _routing_segments(segment_ids, attention_mask)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, segment_ids=routing_segments)
         return self.norm(h)
@@ -165,10 +170,12 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         with_mtp: bool = True,
         return_logits: bool = True,
+        routing_segments: RoutingSegments | None = None,
     ) -> ModelOutput:
         """Training forward. `labels[b, t]` is the target for position t (already shifted;
-        IGNORE_INDEX = -100 is skipped). MTP depth k predicts labels[:, t + k] from position t."""
-        hidden = self.trunk(input_ids, position_ids, segment_ids, attention_mask)
+        IGNORE_INDEX = -100 is skipped). MTP depth k predicts labels[:, t + k] from position t.
+        routing_segments: see `trunk`."""
+        hidden = self.trunk(input_ids, position_ids, segment_ids, attention_mask, routing_segments)
         out = ModelOutput(hidden=hidden)
         logits = self.lm_head(hidden)
         if return_logits:
@@ -177,7 +184,8 @@ class Transformer(nn.Module):
             out.loss = cross_entropy(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX)
             if with_mtp and len(self.mtp):
                 positions = self._positions(input_ids, position_ids, attention_mask)
-                out.mtp_losses = self._mtp_losses(hidden, input_ids, labels, positions, segment_ids, attention_mask)
+                out.mtp_losses = self._mtp_losses(hidden, input_ids, labels, positions, segment_ids, attention_mask,
+                                                  routing_segments)
         out.balance_loss = self.balance_loss()
         return out
 
@@ -196,24 +204,28 @@ class Transformer(nn.Module):
             return None
         return self.args.aux_loss_alpha * torch.stack(losses).sum()
 
-    def _mtp_losses(self, hidden, input_ids, labels, positions, segment_ids, attention_mask):
+    def _mtp_losses(self, hidden, input_ids, labels, positions, segment_ids, attention_mask, routing_segments=None):
         losses = []
         h = hidden
-        T = input_ids.shape[1]
+        B, T = input_ids.shape
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
             n = T - k
             seg = segment_ids[:, :n] if segment_ids is not None else None
             pad = attention_mask[:, :n] if attention_mask is not None else None
-            tgt = labels[:, k:].clone()
+            tgt = labels[:, k:]
             if segment_ids is not None:  # never predict across a packed-sample boundary
-                tgt[segment_ids[:, k:] != segment_ids[:, :n]] = IGNORE_INDEX
+                tgt = torch.where(segment_ids[:, k:] != segment_ids[:, :n], IGNORE_INDEX, tgt)
             cos, sin = self.rotary(positions[:, :n])
             slots = torch.arange(n, device=input_ids.device)
             mask = build_attention_mask(slots, slots, pad, seg) if (seg is not None or pad is not None) else None
-            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos, sin, mask,
-                       segment_ids=_routing_segments(seg, pad))
+            if routing_segments is not None:  # the first n tokens of every row: ids stay a bound
+                sub = RoutingSegments(routing_segments.seq_N.view(B, T)[:, :n].reshape(-1),
+                                      routing_segments.num_sequences)
+            else:
+                sub = _routing_segments(seg, pad)
+            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), cos, sin, mask, segment_ids=sub)
             logits = self.lm_head(module.shared_head.norm(h))
             losses.append(cross_entropy(logits.flatten(0, 1), tgt.flatten(), IGNORE_INDEX))
         return losses

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.model.moe import update_router_bias
+from posttrain.model.moe import RoutingSegments, routing_segments_of, update_router_bias
 
 from .config import TrainConfig
 from .optim import build_optimizer, build_scheduler
@@ -201,6 +201,41 @@ class Trainer:
         self.step = 0            # optimizer steps taken (including skipped ones)
         self.micro = 0           # micro-batches consumed
         self.skipped = 0
+        self.graphs = None
+        if cfg.cuda_graphs:
+            self._check_cuda_graphs()
+            from .cuda_graph import MicroBatchGraph
+            self.graphs = MicroBatchGraph(self._forward_backward, model.parameters())
+
+    def _check_cuda_graphs(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        why = None
+        if acc.device.type != "cuda":
+            why = "it needs a CUDA device"
+        elif acc.num_processes > 1 or self.sharded:
+            why = "it runs on one GPU (no DDP, FSDP or expert parallelism yet)"
+        elif cfg.mixed_precision == "fp16":
+            why = "fp16 mixed precision scales the loss outside the graph; use bf16"
+        if why:
+            raise ValueError(f"train.cuda_graphs: {why}; set train.cuda_graphs: false")
+
+    def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss and backward (into .grad, scaled for accumulation) with no host
+        sync: what `cuda_graph.MicroBatchGraph` captures."""
+        with self.accelerator.autocast():
+            loss, metrics = self.loss_fn(self.caller, batch)
+        (loss / self.cfg.grad_accum).backward()
+        return loss.detach(), {k: v.detach() if torch.is_tensor(v) else v for k, v in metrics.items()}
+
+    def _to_device(self, batch: dict) -> dict:
+        """The micro-batch on this process's device. Packed segment ids get their routing
+        sequences worked out first, on the CPU copy, so the forward needs no host sync."""
+        if torch.is_tensor(batch.get("segment_ids")) and "routing_segments" not in batch:
+            batch = {**batch, "routing_segments": routing_segments_of(batch["segment_ids"])}
+        dev = self.accelerator.device
+        return {k: v.to(dev) if torch.is_tensor(v) else
+                RoutingSegments(v.seq_N.to(dev), v.num_sequences) if isinstance(v, RoutingSegments) else v
+                for k, v in batch.items()}
 
     def _shard(self, model: torch.nn.Module) -> None:
         """Expert parallelism + FSDP2 (posttrain.model.parallel) on the whole model, in place."""
@@ -341,20 +376,27 @@ class Trainer:
         cfg, acc, model = self.cfg, self.accelerator, self.prepared
         sums: dict[str, float] = {}
         finite, tokens = True, 0
+        # the graph is captured for the loop's own accumulation (GRPO passes its own counts)
+        graphs = self.graphs if n_micro == cfg.grad_accum else None
         for k, batch in enumerate(micro_batches):
-            batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+            batch = self._to_device(batch)
             last = k == n_micro - 1
-            with acc.autocast():
-                loss, metrics = self.loss_fn(self.caller, batch)
-            finite = finite and bool(torch.isfinite(loss))
             # backward runs even on a non-finite loss: every process must take part in the same
             # gradient collectives; the step is then skipped on all of them alike (below)
-            if self.sharded:
-                model.set_requires_gradient_sync(last)
-                (loss / n_micro).backward()
+            if graphs is not None:
+                loss, metrics = graphs(batch)
             else:
-                with acc.no_sync(model) if not last else contextlib.nullcontext():
-                    acc.backward(loss / n_micro)
+                with acc.autocast():
+                    loss, metrics = self.loss_fn(self.caller, batch)
+                if self.sharded:
+                    model.set_requires_gradient_sync(last)
+                    (loss / n_micro).backward()
+                else:
+                    with acc.no_sync(model) if not last else contextlib.nullcontext():
+                        acc.backward(loss / n_micro)
+            # read after backward is queued: reading it before would make the CPU wait for the
+            # forward before issuing the backward
+            finite = finite and bool(torch.isfinite(loss))
             for key, v in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(v) / n_micro
             tokens += int(metrics.get("tokens", 0))
@@ -374,7 +416,8 @@ class Trainer:
         else:
             self.skipped += 1
             loads = update_router_bias(self.model, 0.0)  # drop this step's counts
-        self.optimizer.zero_grad(set_to_none=True)
+        # a captured backward accumulates into the .grad tensors it was captured with: keep them
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
         self.step += 1
         return sums, grad_norm, finite, loads, tokens
 
@@ -476,14 +519,16 @@ def lm_loss(mtp_weight: float) -> LossFn:
 
     def fn(model, batch):
         out = model.compute(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                            segment_ids=batch.get("segment_ids"), return_logits=False)
+                            segment_ids=batch.get("segment_ids"), return_logits=False,
+                            routing_segments=batch.get("routing_segments"))
         loss = out.loss
         seg = batch.get("segment_ids")
+        # counts stay tensors: the loop reads them after backward, and a CUDA graph cannot read them at all
         metrics: dict[str, Any] = {
             "ce": out.loss.detach(),
-            "loss_tokens": int((batch["labels"] != -100).sum()),
+            "loss_tokens": (batch["labels"] != -100).sum(),
             # input tokens processed (padding excluded): what throughput is measured in
-            "tokens": int((seg >= 0).sum()) if seg is not None else batch["input_ids"].numel(),
+            "tokens": (seg >= 0).sum() if seg is not None else batch["input_ids"].numel(),
         }
         if out.mtp_losses:
             mtp = torch.stack(out.mtp_losses).mean()
