@@ -53,10 +53,15 @@ class AdamWBf16Moments(torch.optim.Optimizer):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. Fused (one kernel per group of tensors, the update in float32
+    and rounded once) unless the model is sharded: on an H100 the fused step of the 4.31B
+    benchmark model took 27.7 ms against 72.3 ms for torch's default multi-tensor one
+    (benchmarks/bench_optimizer.py). Sharded runs keep the default, which takes FSDP2's
+    DTensor parameters everywhere."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.bf16_moments:
         return AdamWBf16Moments(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True if not cfg.sharded else None)
 
 
 def cosine_with_floor(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
