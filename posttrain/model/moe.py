@@ -324,8 +324,7 @@ def routing_segments_of(segment_ids_BT: torch.Tensor, device: torch.device | str
     """`sequence_ids` of a batch's packed segment ids [B, T], worked out where they are (a batch
     still on the CPU: no GPU sync), then moved to `device`. The sequence count is rounded up
     to a power of two, a bound the balance loss takes as it is (`sequence_balance_loss`): batches
-    that pack different numbers of samples then share shapes, so a CUDA graph captured for one
-    replays for the others."""
+    that pack different numbers of samples then share shapes."""
     B, T = segment_ids_BT.shape
     rs = sequence_ids(segment_ids_BT, B, T, segment_ids_BT.device)
     bound = 1 << max(rs.num_sequences - 1, 0).bit_length()

@@ -29,9 +29,6 @@ class TrainConfig:
     expert_parallel: int = 1
     fsdp: bool = False
     activation_checkpointing: bool = False  # recompute each block in backward (any layout)
-    # Capture one micro-batch's forward + backward as a CUDA graph and replay it (one GPU, fixed
-    # shapes: packed SFT). Removes the CPU's kernel-issue time, which bounds FP8 steps.
-    cuda_graphs: bool = False
     mtp_weight: float = 0.3                # lambda for the MTP losses
     bias_update_gamma: float = 0.0         # aux-loss-free balancing speed; 0 = frozen bias
     save_every: int = 0                    # optimizer steps between checkpoints; 0 = only at the end

@@ -201,31 +201,6 @@ class Trainer:
         self.step = 0            # optimizer steps taken (including skipped ones)
         self.micro = 0           # micro-batches consumed
         self.skipped = 0
-        self.graphs = None
-        if cfg.cuda_graphs:
-            self._check_cuda_graphs()
-            from .cuda_graph import MicroBatchGraph
-            self.graphs = MicroBatchGraph(self._forward_backward, model.parameters())
-
-    def _check_cuda_graphs(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        why = None
-        if acc.device.type != "cuda":
-            why = "it needs a CUDA device"
-        elif acc.num_processes > 1 or self.sharded:
-            why = "it runs on one GPU (no DDP, FSDP or expert parallelism yet)"
-        elif cfg.mixed_precision == "fp16":
-            why = "fp16 mixed precision scales the loss outside the graph; use bf16"
-        if why:
-            raise ValueError(f"train.cuda_graphs: {why}; set train.cuda_graphs: false")
-
-    def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """One micro-batch's loss and backward (into .grad, scaled for accumulation) with no host
-        sync: what `cuda_graph.MicroBatchGraph` captures."""
-        with self.accelerator.autocast():
-            loss, metrics = self.loss_fn(self.caller, batch)
-        (loss / self.cfg.grad_accum).backward()
-        return loss.detach(), {k: v.detach() if torch.is_tensor(v) else v for k, v in metrics.items()}
 
     def _to_device(self, batch: dict) -> dict:
         """The micro-batch on this process's device. Packed segment ids get their routing
@@ -376,24 +351,19 @@ class Trainer:
         cfg, acc, model = self.cfg, self.accelerator, self.prepared
         sums: dict[str, float] = {}
         finite, tokens = True, 0
-        # the graph is captured for the loop's own accumulation (GRPO passes its own counts)
-        graphs = self.graphs if n_micro == cfg.grad_accum else None
         for k, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             last = k == n_micro - 1
+            with acc.autocast():
+                loss, metrics = self.loss_fn(self.caller, batch)
             # backward runs even on a non-finite loss: every process must take part in the same
             # gradient collectives; the step is then skipped on all of them alike (below)
-            if graphs is not None:
-                loss, metrics = graphs(batch)
+            if self.sharded:
+                model.set_requires_gradient_sync(last)
+                (loss / n_micro).backward()
             else:
-                with acc.autocast():
-                    loss, metrics = self.loss_fn(self.caller, batch)
-                if self.sharded:
-                    model.set_requires_gradient_sync(last)
-                    (loss / n_micro).backward()
-                else:
-                    with acc.no_sync(model) if not last else contextlib.nullcontext():
-                        acc.backward(loss / n_micro)
+                with acc.no_sync(model) if not last else contextlib.nullcontext():
+                    acc.backward(loss / n_micro)
             # read after backward is queued: reading it before would make the CPU wait for the
             # forward before issuing the backward
             finite = finite and bool(torch.isfinite(loss))
@@ -416,8 +386,7 @@ class Trainer:
         else:
             self.skipped += 1
             loads = update_router_bias(self.model, 0.0)  # drop this step's counts
-        # a captured backward accumulates into the .grad tensors it was captured with: keep them
-        self.optimizer.zero_grad(set_to_none=self.graphs is None)
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return sums, grad_norm, finite, loads, tokens
 
@@ -523,7 +492,8 @@ def lm_loss(mtp_weight: float) -> LossFn:
                             routing_segments=batch.get("routing_segments"))
         loss = out.loss
         seg = batch.get("segment_ids")
-        # counts stay tensors: the loop reads them after backward, and a CUDA graph cannot read them at all
+        # counts stay tensors: the loop reads them after backward is queued (reading them here
+        # would make the CPU wait for the forward before it could issue the backward)
         metrics: dict[str, Any] = {
             "ce": out.loss.detach(),
             "loss_tokens": (batch["labels"] != -100).sum(),
