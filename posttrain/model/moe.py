@@ -320,15 +320,14 @@ def sequence_ids(segment_ids_BT: torch.Tensor | RoutingSegments | None, B: int, 
     return RoutingSegments(out, int(uniq.numel()))
 
 
-def routing_segments_of(segment_ids_BT: torch.Tensor, device: torch.device | str | None = None) -> RoutingSegments:
+def routing_segments_of(segment_ids_BT: torch.Tensor) -> RoutingSegments:
     """`sequence_ids` of a batch's packed segment ids [B, T], worked out where they are (a batch
-    still on the CPU: no GPU sync), then moved to `device`. The sequence count is rounded up
-    to a power of two, a bound the balance loss takes as it is (`sequence_balance_loss`): batches
-    that pack different numbers of samples then share shapes."""
+    still on the CPU: no GPU sync). The sequence count is rounded up to a power of two, a bound
+    the balance loss takes as it is (`sequence_balance_loss`): batches that pack different
+    numbers of samples then share shapes."""
     B, T = segment_ids_BT.shape
     rs = sequence_ids(segment_ids_BT, B, T, segment_ids_BT.device)
-    bound = 1 << max(rs.num_sequences - 1, 0).bit_length()
-    return RoutingSegments(rs.seq_N.to(device) if device is not None else rs.seq_N, bound)
+    return RoutingSegments(rs.seq_N, 1 << max(rs.num_sequences - 1, 0).bit_length())
 
 
 def expert_counts(idx_NK: torch.Tensor, n_experts: int, weight_N: torch.Tensor | None = None) -> torch.Tensor:
