@@ -1,24 +1,36 @@
-"""Running untrusted Python: one program per call, isolated, bounded, and always cleaned up.
+"""Running untrusted Python: isolated, bounded, always cleaned up, and honest about how.
 
-`Sandbox.run(files, args, stdin)` starts sandbox_launcher.py in a new session (its own
-process group), which isolates and execs the program (see the launcher's docstring for the
-layers). This side enforces the wall-clock deadline and output caps: at the deadline, or
-when stdout/stderr exceed their cap, the whole process group is SIGKILLed; in full isolation
-the program is PID 1 of its own PID namespace, so everything it spawned dies with it.
+`Sandbox.run(files, args, stdin)` runs one program; `Sandbox.run_roles(...)` runs a job of
+several programs ("roles") joined by pipes that the sandbox makes, such as the code reward's
+solution and its tests. Both start sandbox_launcher.py in a new session (its own process
+group), which isolates and execs the roles (see its docstring for the layers). This side
+enforces the wall-clock deadline and the output caps: at the deadline, or when
+stdout/stderr/report exceed their cap, the whole process group is SIGKILLed; in full
+isolation the job is its own PID namespace, so everything it spawned dies with it.
 
-Parallel calls are spread over `max_parallel` slots (default: the CPU count), each with its
-own uid in full isolation, and sandboxed programs run at nice 10 with a CPU-time rlimit, so
-many concurrent runs never starve the machine or each other.
+Memory: one limit (`memory_total_bytes`) for the whole job through a cgroup where one can
+be made (sandbox_cgroup.py); otherwise each process's address space is capped at
+total / nproc and the solution's uid may run at most nproc processes, so the job still
+cannot take more than the total (the tests role runs trusted code under its own uid and is
+not counted in that fallback).
 
-A harness can report results on an extra pipe (`report_fd`, fd 3 in the program) instead of
-stdout, which the program itself also writes to.
+Isolation is probed once, at construction: "full" (namespaces, private filesystem view,
+per-role uids, seccomp, rlimits) or "weak" (rlimits and seccomp, plus the uid switch as
+root). A weak sandbox says so loudly, once per process; the code reward refuses to run on it
+unless told `allow_weak_isolation`. A sandbox whose probe program cannot even run raises
+SandboxUnavailable instead of scoring every program 0.
+
+Programs see a clean environment, run at nice 10, and by default only the interpreter's
+standard library (`site_packages=True` adds the interpreter's own site-packages, read-only).
+Parallel jobs are spread over `max_parallel` slots, each with its own uids and cgroup.
 """
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import queue
+import re
 import selectors
 import shutil
 import signal
@@ -30,21 +42,55 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .sandbox_cgroup import SlotCgroups
+
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
-REPORT_FD = 3
-_PY_MOUNT = "/tmp/.python"  # where the interpreter's installation appears inside full isolation
+SETUP_FAILED = 125
+_PY_MOUNT = "/python"   # where the interpreter's installation appears in full isolation
+_READONLY = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache")
+_WORKDIR = "/tmp/w"     # each role's working directory, inside its private /tmp
+_FALLBACK_PROCESSES = 8  # without a cgroup: processes x address space = the total
+_ROLES_PER_SLOT = 4
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run programs here, or only with weaker isolation than was required."""
 
 
 @dataclass
 class SandboxLimits:
     wall_s: float = 10.0
-    cpu_s: int = 10
-    memory_bytes: int = 1 << 30
+    cpu_s: int = 10                       # per process
+    memory_bytes: int = 1 << 30           # address space per process
+    memory_total_bytes: int = 1 << 30     # the whole job: every process and its tmpfs files
     file_bytes: int = 16 << 20
     tmpfs_bytes: int = 64 << 20
-    nproc: int = 64
+    nproc: int = 64                       # processes and threads
     nofile: int = 256
-    output_bytes: int = 1 << 20
+    output_bytes: int = 1 << 20           # per stream (stdout, stderr, report)
+
+    def validate(self) -> "SandboxLimits":
+        for name in ("wall_s", "cpu_s", "memory_bytes", "memory_total_bytes", "file_bytes", "tmpfs_bytes", "nproc",
+                     "nofile", "output_bytes"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and value == value):
+                raise ValueError(f"sandbox limit {name} must be a positive number, got {value!r}")
+        return self
+
+
+@dataclass
+class Role:
+    """One process of a job. `fds` maps an fd number in the program to "report" (the pipe whose
+    contents come back as SandboxResult.report) or a channel end ("req.r", "resp.w", ...);
+    `stdin`/`stdout` "host" connect to the job's stdin / captured stdout, "null" to /dev/null."""
+
+    name: str
+    files: dict[str, str | bytes]
+    args: list[str]
+    fds: dict[int, str] = field(default_factory=dict)
+    stdin: str = "host"
+    stdout: str = "host"
+    primary: bool = False
 
 
 @dataclass
@@ -52,11 +98,12 @@ class SandboxResult:
     returncode: int | None
     stdout: str
     stderr: str
-    report: str              # what the program wrote to its report fd
+    report: str              # what the job wrote to its report fd
     timed_out: bool
     output_limited: bool     # killed for writing more than output_bytes
     wall_s: float
-    isolation: str           # "full" (namespaces + uid + rlimits) or "rlimits"
+    isolation: str           # "full" or "weak"
+    memory_limited: bool = False  # the kernel killed a process of the job at the memory limit
 
     @property
     def signal_name(self) -> str | None:
@@ -73,92 +120,183 @@ class SandboxResult:
             return f"timed out after {self.wall_s:.1f}s"
         if self.output_limited:
             return "output limit exceeded"
-        if self.returncode == 125 and self.stderr.startswith("sandbox:"):
-            return self.stderr.strip()
+        if self.memory_limited:
+            return "memory limit exceeded"
+        if self.returncode == SETUP_FAILED and self.stderr.startswith("sandbox:"):
+            return scrub(self.stderr.strip().splitlines()[0])
         if self.signal_name:
             return {"SIGXCPU": "CPU time limit exceeded", "SIGXFSZ": "file size limit exceeded",
                     "SIGSEGV": "segmentation fault"}.get(self.signal_name, f"killed by {self.signal_name}")
         if self.returncode:
             tail = self.stderr.strip().splitlines()[-1:] or [""]
-            return f"exit code {self.returncode}: {tail[0][:200]}"
+            return f"exit code {self.returncode}: {scrub(tail[0])}"
         return None
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def scrub(text: str, limit: int = 300) -> str:
+    """Program output fit for a reason string: no control or direction characters, one line,
+    at most `limit` characters."""
+    return _CONTROL.sub("?", text.replace("\r", " ").replace("\n", " "))[:limit]
+
+
+_warned_weak = False
+
+
+def _warn_weak_once(why: str) -> None:
+    global _warned_weak
+    if not _warned_weak:
+        _warned_weak = True
+        banner = ("posttrain sandbox: WEAK ISOLATION. Untrusted code runs without namespaces or a private "
+                  f"filesystem view ({why}). Code rewards refuse to run like this unless allow_weak_isolation=True.")
+        print("!" * 100 + "\n" + banner + "\n" + "!" * 100, file=sys.stderr, flush=True)
 
 
 class Sandbox:
     _instances = 0
     _instances_lock = threading.Lock()
 
-    def __init__(self, max_parallel: int | None = None, uid_base: int | None = None, isolate: bool = True):
+    def __init__(self, max_parallel: int | None = None, uid_base: int | None = None, isolate: bool = True,
+                 site_packages: bool = False, limits: SandboxLimits | None = None, memory_cgroup: bool = True,
+                 python: str | None = None):
+        """`limits`: the defaults of this sandbox's jobs. `memory_cgroup=False` uses the
+        processes x address-space bound even where a cgroup could be made. `python`: the
+        interpreter that runs the programs (default: this one's base interpreter), laid out
+        as PREFIX/bin/python with its standard library under PREFIX/lib."""
         self.max_parallel = max_parallel or os.cpu_count() or 2
+        self.limits = (limits or SandboxLimits()).validate()
         if uid_base is None:  # each sandbox in a process gets its own uids, so their limits never mix
             with Sandbox._instances_lock:
-                uid_base = 61000 + 256 * Sandbox._instances
+                uid_base = 61000 + _ROLES_PER_SLOT * 256 * Sandbox._instances
                 Sandbox._instances += 1
         self.uid_base = uid_base
+        self.site_packages = site_packages
+        self.python = python
         self._slots: queue.Queue[int] = queue.Queue()
         for k in range(self.max_parallel):
             self._slots.put(k)
         self._host_dir = Path(tempfile.mkdtemp(prefix="posttrain-sandbox-"))
+        self._host_dir.chmod(0o711)  # weak isolation: each role's uid reaches its own (0700) directory
+        (self._host_dir / "root").mkdir()
         self._counter = 0
         self._lock = threading.Lock()
-        self.isolation = "rlimits"
+        self.cgroups = SlotCgroups(f"posttrain-sandbox-{os.getpid()}-{uid_base}",
+                                   self.max_parallel if memory_cgroup else 0)
+        self.memory_limit = f"cgroup-{self.cgroups.kind}" if self.cgroups.kind else "rlimit-bound"
+        self.isolation, why = "weak", "not running as root"
         if isolate and os.geteuid() == 0:
             self.isolation = "full"
             probe = self.run({"probe.py": "print('ok')"}, ["probe.py"], limits=SandboxLimits(wall_s=30))
             if probe.stdout.strip() != "ok":
-                self.isolation = "rlimits"
+                self.isolation, why = "weak", f"namespaces unavailable: {scrub(probe.stderr.strip() or str(probe.returncode))}"
+        elif not isolate:
+            why = "isolation turned off"
+        self.weak_reason = None
+        if self.isolation == "weak":
+            self.weak_reason = why
+            _warn_weak_once(why)
+            probe = self.run({"probe.py": "print('ok')"}, ["probe.py"], limits=SandboxLimits(wall_s=30))
+            if probe.stdout.strip() != "ok":
+                self.close()
+                raise SandboxUnavailable(
+                    f"the sandbox cannot run programs here ({why}; a probe program failed: "
+                    f"{probe.failure_reason() or scrub(probe.stderr.strip())}). Run as root with CAP_SYS_ADMIN "
+                    "(a container started with --cap-add SYS_ADMIN, or a VM) for full isolation, or put the "
+                    "interpreter where an unprivileged user can read it.")
+
+    def uid_of(self, slot: int, role: int) -> int:
+        """The uid of a job's `role`-th program in `slot` (full isolation, or weak as root)."""
+        if role >= _ROLES_PER_SLOT:
+            raise ValueError(f"a job has at most {_ROLES_PER_SLOT} roles")
+        return self.uid_base + _ROLES_PER_SLOT * slot + role
+
+    def uids(self) -> set[int]:
+        return {self.uid_of(s, r) for s in range(self.max_parallel) for r in range(_ROLES_PER_SLOT)}
+
+    def describe(self) -> dict:
+        return {"isolation": self.isolation, "memory_limit": self.memory_limit, "weak_reason": self.weak_reason}
 
     # ------------------------------------------------------------------ run
     def run(self, files: dict[str, str], args: list[str], stdin: str | bytes | None = None,
-            limits: SandboxLimits | None = None, python: bool = True) -> SandboxResult:
-        """Write `files` into a fresh working directory and run `python -I args...` there."""
-        limits = limits or SandboxLimits()
+            limits: SandboxLimits | None = None) -> SandboxResult:
+        """One Python program: `files` in a fresh working directory, `python args...` there;
+        fd 3 of the program is the report pipe."""
+        return self.run_roles([Role("program", files, args, fds={3: "report"}, primary=True)], stdin=stdin,
+                              limits=limits)
+
+    def run_roles(self, roles: list[Role], channels: list[str] = (), stdin: str | bytes | None = None,
+                  limits: SandboxLimits | None = None) -> SandboxResult:
+        """A job of Python programs joined by pipes: channel "c" gives ends "c.r" and "c.w"
+        for the roles' `fds`. Ends when the primary role ends."""
+        limits = (limits or self.limits).validate()
         slot = self._slots.get()
         try:
-            return self._run(slot, files, args, stdin, limits, python)
+            return self._run(slot, roles, list(channels), stdin, limits)
         finally:
             self._slots.put(slot)
 
-    def _interpreter(self) -> tuple[str, dict[str, str]]:
-        real = os.path.realpath(sys.executable)
-        if self.isolation != "full":
-            return real, {}
-        rel = os.path.relpath(real, sys.base_prefix)
+    def _interpreter(self) -> tuple[str, dict[str, str], str | None]:
+        """(interpreter path as the roles see it, extra environment, prefix to show at _PY_MOUNT)."""
+        real = os.path.realpath(self.python or sys.executable)
+        prefix = os.path.dirname(os.path.dirname(real)) if self.python else os.path.realpath(sys.base_prefix)
+        libs = {"LD_LIBRARY_PATH": os.path.join(prefix, "lib")}
+        if self.isolation != "full" or any(prefix == p or prefix.startswith(p + "/") for p in _READONLY):
+            return real, libs, None
+        rel = os.path.relpath(real, prefix)
         if rel.startswith(".."):
-            return real, {}
-        return os.path.join(_PY_MOUNT, rel), {"LD_LIBRARY_PATH": os.path.join(_PY_MOUNT, "lib")}
+            raise SandboxUnavailable(f"the interpreter {real} lies outside its prefix {prefix}")
+        return os.path.join(_PY_MOUNT, rel), {"LD_LIBRARY_PATH": os.path.join(_PY_MOUNT, "lib")}, prefix
 
-    def _run(self, slot, files, args, stdin, limits, python) -> SandboxResult:
+    def _fallback_limits(self, lim: SandboxLimits) -> dict:
+        """Without a cgroup: processes x address space within the total."""
+        procs = max(1, min(lim.nproc, _FALLBACK_PROCESSES))
+        return {"nproc": procs, "memory_bytes": min(lim.memory_bytes, lim.memory_total_bytes // procs)}
+
+    def _run(self, slot: int, roles: list[Role], channels: list[str], stdin, limits: SandboxLimits) -> SandboxResult:
         with self._lock:
             self._counter += 1
             run_id = self._counter
         full = self.isolation == "full"
-        host_dir = None
-        if full:
-            workdir = "/tmp/sandbox"  # inside the program's private /tmp tmpfs
-        else:
-            host_dir = self._host_dir / f"run-{run_id}"
-            host_dir.mkdir()
-            workdir = str(host_dir)
-        interpreter, extra_env = self._interpreter()
-        argv = ([interpreter, "-I", "-B"] if python else []) + list(args)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", **extra_env}
+        run_dir = None if full else self._host_dir / f"run-{run_id}"
+        interpreter, extra_env, prefix = self._interpreter()
+        flags = ["-I", "-B"] + ([] if self.site_packages else ["-S"])
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": _WORKDIR if full else "/nonexistent",
+               "TMPDIR": _WORKDIR if full else str(run_dir), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+               "PYTHONDONTWRITEBYTECODE": "1", **extra_env}
+        base = {"cpu_s": limits.cpu_s, "memory_bytes": min(limits.memory_bytes, limits.memory_total_bytes),
+                "file_bytes": limits.file_bytes, "tmpfs_bytes": min(limits.tmpfs_bytes, limits.memory_total_bytes),
+                "nproc": limits.nproc, "nofile": limits.nofile}
+        untrusted = dict(base, **({} if self.cgroups.kind else self._fallback_limits(limits)))
+        cfg_roles = []
+        for k, role in enumerate(roles):
+            workdir = _WORKDIR if full else str(run_dir / role.name)
+            cfg_roles.append({
+                "name": role.name, "files": role.files, "argv": [interpreter] + flags + list(role.args),
+                "uid": self.uid_of(slot, k), "workdir": workdir, "primary": role.primary,
+                "fds": {**{str(n): src for n, src in role.fds.items()},
+                        **({"0": "null"} if role.stdin == "null" else {}),
+                        **({"1": "null"} if role.stdout == "null" else {})},
+                # the first role is the untrusted one; later roles (tests) run code from the dataset
+                "limits": untrusted if k == 0 else base,
+            })
         cfg_r, cfg_w = os.pipe()
         rep_r, rep_w = os.pipe()
         cfg = {
-            "report_fd": rep_w,
-            "workdir": workdir, "files": files, "argv": argv, "env": env,
-            "uid": self.uid_base + slot, "gid": self.uid_base + slot,
-            "isolate": full, "require_isolation": full, "nice": 10,
-            "python_prefix": sys.base_prefix, "python_mount": _PY_MOUNT,
-            "limits": {"cpu_s": limits.cpu_s, "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
-                       "tmpfs_bytes": limits.tmpfs_bytes, "nproc": limits.nproc, "nofile": limits.nofile},
+            "isolate": full, "roles": cfg_roles, "channels": channels, "host_fds": {"report": rep_w},
+            "env": env, "nice": 10, "limits": base, "cgroup_procs": self.cgroups.procs_files(slot),
+            "root_dir": str(self._host_dir / "root"),
+            "readonly_paths": [p for p in _READONLY if os.path.lexists(p)],
+            "python_prefix": prefix, "python_mount": _PY_MOUNT,
         }
-        # The launcher gets the config on cfg_r and hands rep_w to the program as fd 3.
         launcher = [sys.executable, "-I", "-S", str(LAUNCHER), str(cfg_r)]
+        self.cgroups.limit(slot, limits.memory_total_bytes, limits.nproc + 16)
+        oom_before = self.cgroups.oom_kills(slot)
         t0 = time.monotonic()
         try:
+            if run_dir is not None:
+                run_dir.mkdir()
             proc = subprocess.Popen(
                 launcher, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 pass_fds=(cfg_r, rep_w), start_new_session=True, env={"PATH": env["PATH"]},
@@ -167,18 +305,23 @@ class Sandbox:
             os.close(cfg_r)
             os.close(rep_w)
         with os.fdopen(cfg_w, "wb") as f:
-            f.write(json.dumps(cfg).encode())
+            f.write(marshal.dumps(cfg))
         try:
             out = _collect(proc, rep_r, stdin, limits, t0)
         finally:
             os.close(rep_r)
-            if host_dir is not None:
-                shutil.rmtree(host_dir, ignore_errors=True)
+            if run_dir is not None:
+                if os.geteuid() == 0:  # weak isolation: no PID namespace ended what the job left running
+                    _kill_uids({self.uid_of(slot, k) for k in range(len(roles))})
+                shutil.rmtree(run_dir, ignore_errors=True)
         stdout, stderr, report, timed_out, limited = out
+        self.cgroups.wait_empty(slot)
         return SandboxResult(proc.returncode, stdout, stderr, report, timed_out, limited,
-                             time.monotonic() - t0, self.isolation)
+                             time.monotonic() - t0, self.isolation,
+                             memory_limited=self.cgroups.oom_kills(slot) > oom_before)
 
     def close(self) -> None:
+        self.cgroups.close()
         shutil.rmtree(self._host_dir, ignore_errors=True)
 
     def __enter__(self):
@@ -188,33 +331,19 @@ class Sandbox:
         self.close()
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc."""
-    kids = []
-    for status in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = status.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[1] == str(pid):
-            kids.append(int(status.parent.name))
-    return kids
+def _kill_uids(uids: set[int]) -> None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid in uids:
+                    os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the program first so that the launcher reaps it (a process orphaned by killing
-    the launcher first would be left to the host's init, which may never reap it), then the
-    launcher's whole process group."""
-    if proc.poll() is None:
-        for child in _children(proc.pid):
-            try:
-                os.kill(child, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            pass
+    """The launcher's whole process group (in full isolation, the job's PID namespace dies
+    with the launcher's child, which gets the parent-death signal)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -229,12 +358,19 @@ def _collect(proc, rep_r, stdin, limits: SandboxLimits, t0: float):
     sel.register(proc.stderr, selectors.EVENT_READ, "err")
     sel.register(rep_r, selectors.EVENT_READ, "rep")
     data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
-    try:
-        if data:
-            proc.stdin.write(data)
+    feeder = None
+    if data:  # in a thread: a program that does not read its input must not block the deadline
+        def feed():
+            try:
+                proc.stdin.write(data)
+                proc.stdin.close()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+    else:
         proc.stdin.close()
-    except (BrokenPipeError, OSError):
-        pass  # the program did not read its input
     timed_out = limited = False
     deadline = t0 + limits.wall_s
     open_streams = 3
@@ -264,10 +400,12 @@ def _collect(proc, rep_r, stdin, limits: SandboxLimits, t0: float):
         timed_out = True
         _kill_group(proc)
         proc.wait()
-    try:  # anything left in the group (rlimits-only mode has no PID namespace to do this)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _kill_group(proc)  # anything left in the group (weak isolation has no PID namespace to do this)
+    if feeder is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
     cap = limits.output_bytes
     dec = lambda b: bytes(b[:cap]).decode("utf-8", "replace")  # noqa: E731
     return dec(bufs["out"]), dec(bufs["err"]), dec(bufs["rep"]), timed_out, limited

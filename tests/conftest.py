@@ -9,3 +9,17 @@ nothing else launches Triton kernels (vLLM's CPU backend disables Triton).
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real data sets (GSM8K, MATH-500, HumanEval, HH-RLHF): $POSTTRAIN_SHARED_DATA, else
+    ../shared/data beside the checkout. Tests that need them skip, saying so, where absent."""
+    from data_recipes.prompt_sets import shared_data_dir
+
+    path = shared_data_dir()
+    if not (path / "humaneval.jsonl.gz").exists():
+        pytest.skip(f"the shared data sets are not at {path} (set POSTTRAIN_SHARED_DATA to their directory)")
+    return path

@@ -74,10 +74,10 @@ def _math500_r1(rows, alter=False, truncate=False, mix=False):
 
 
 @pytest.fixture(scope="module")
-def math500():
+def math500(shared_data):
     records, rejects = load_prompts("math500")
     assert len(records) == 500 and rejects == []
-    rows = [json.loads(l) for l in open(ROOT.parent / "shared" / "data" / "math500_test.jsonl")]
+    rows = [json.loads(l) for l in open(shared_data / "math500_test.jsonl")]
     return rows
 
 

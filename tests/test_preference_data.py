@@ -10,7 +10,11 @@ from data_recipes.preference_data import (PairFields, collate_pairs, load_pairs,
                                           tokenize_pairs)
 from posttrain.embedded import build_tokenizer
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_test.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def HH(shared_data):
+    return shared_data / "hh_harmless_test.jsonl.gz"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +29,7 @@ def test_parse_hh_dialogue_into_messages():
         {"role": "user", "content": "what is 2+2?"}, {"role": "assistant", "content": "4"}]
 
 
-def test_real_hh_rows_share_their_prompt_and_differ_in_the_last_answer():
+def test_real_hh_rows_share_their_prompt_and_differ_in_the_last_answer(HH):
     pairs, rejects = load_pairs(str(HH), limit=50)
     assert len(pairs) == 50
     first = json.loads(gzip.open(HH, "rt").readline())

@@ -2,19 +2,15 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 
 import reward
 from reward.code_reward import extract_code
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
-def humaneval():
-    return [json.loads(line) for line in gzip.open(DATA / "humaneval.jsonl.gz", "rt")]
+def humaneval(shared_data):
+    return [json.loads(line) for line in gzip.open(shared_data / "humaneval.jsonl.gz", "rt")]
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +77,53 @@ def test_extract_code_prefers_the_last_python_fence():
     assert extract_code(text) == "second\n"
     assert extract_code("<think>```python\nx\n```") is None
     assert extract_code("plain code") == "plain code"
+
+
+@pytest.mark.parametrize("cols,why", [
+    (dict(test=[7], entry_point=["f"]), "'test' and 'entry_point' must be strings"),
+    (dict(test=["def check(c):\n    assert c() == 1\n"], entry_point=["not a name"]), "is not a Python name"),
+    (dict(test=["def check(c) oops"], entry_point=["f"]), "unusable tests"),
+    (dict(test=["assert True\n"], entry_point=["f"]), "the tests define no function 'check'"),
+    (dict(test_list=[["assert f() == 1", 3]]), "'test_list' must be a list of strings"),
+    (dict(inputs=[["1"]], outputs=[["1", "2"]]), "inputs/outputs must be two non-empty lists"),
+    (dict(inputs=[[1]], outputs=[[1]]), "inputs/outputs must hold strings"),
+])
+def test_unusable_tests_are_not_applicable_with_a_reason(code_reward, cols, why):
+    [res] = code_reward.score_detailed([None], ["def f():\n    return 1\n"], **cols)
+    assert res.score is None and "unusable tests" in res.reason and why in res.reason, res
+
+
+def test_exceptions_cross_as_builtin_types(code_reward):
+    tests = ("def check(candidate):\n    try:\n        candidate(-1)\n    except ValueError:\n        pass\n"
+             "    else:\n        assert False\n    assert candidate(4) == 2\n")
+    code = "def root(x):\n    if x < 0:\n        raise ValueError('negative')\n    return int(x ** 0.5)\n"
+    assert code_reward([None], [code], test=[tests], entry_point=["root"]) == [1.0]
+    wrong = code.replace("ValueError", "KeyError")
+    assert code_reward([None], [wrong], test=[tests], entry_point=["root"]) == [0.5]
+
+
+def test_in_place_tasks_see_the_mutated_argument(code_reward):
+    tests = "def check(candidate):\n    xs = [3, 1, 2]\n    candidate(xs)\n    assert xs == [1, 2, 3]\n"
+    assert code_reward([None], ["def sort_in_place(xs):\n    xs.sort()\n"], test=[tests],
+                       entry_point=["sort_in_place"]) == [1.0]
+    assert code_reward([None], ["def sort_in_place(xs):\n    return sorted(xs)\n"], test=[tests],
+                       entry_point=["sort_in_place"]) == [0.0]
+
+
+def test_mbpp_setup_code_and_names_resolved_from_the_solution(code_reward):
+    tests = ["assert area(Box(2, 3)) == 6", "assert PI_ISH == 3"]
+    setup = "class Box:\n    def __init__(self, w, h):\n        self.w, self.h = w, h\n"
+    # the tests' own objects are not plain data: a solution cannot be handed one
+    [res] = code_reward.score_detailed([None], ["def area(b):\n    return b.w * b.h\nPI_ISH = 3\n"],
+                                       test_list=[tests], test_setup_code=[setup])
+    assert (res.passed, res.total) == (1, 2) and "not plain data" in res.reason, res
+    [res] = code_reward.score_detailed([None], ["PI_ISH = 3\n"], test_list=[["assert PI_ISH == 3"]])
+    assert res.score == 1.0, res
+
+
+def test_helpers_come_from_the_task_not_the_solution(code_reward):
+    prompt = "def double(x):\n    return 2 * x\n\n\ndef quad(x):\n    \"\"\"Four times x.\"\"\"\n"
+    tests = "def check(candidate):\n    assert candidate(3) == double(double(3))\n"
+    honest = "    return double(double(x))\n"
+    cheat = "def double(x):\n    return 0\n\n\ndef quad(x):\n    return 0\n"
+    assert code_reward([prompt, prompt], [honest, cheat], test=[tests] * 2, entry_point=["quad"] * 2) == [1.0, 0.0]

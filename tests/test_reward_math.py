@@ -3,7 +3,6 @@
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -11,7 +10,6 @@ import reward
 from reward.deadline_pool import DeadlinePool
 from reward.math_answer import extract_answer, gsm8k_gold, last_boxed
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +17,12 @@ def math_reward():
     return reward.get("math", deadline_s=3.0)
 
 
-def _jsonl(name):
-    return [json.loads(line) for line in open(DATA / name)]
+def _jsonl(shared_data, name):
+    return [json.loads(line) for line in open(shared_data / name)]
 
 
-def test_math500_reference_solutions_score_one(math_reward):
-    rows = _jsonl("math500_test.jsonl")
+def test_math500_reference_solutions_score_one(math_reward, shared_data):
+    rows = _jsonl(shared_data, "math500_test.jsonl")
     assert len(rows) == 500
     scores = math_reward(None, [r["solution"] for r in rows], answer=[r["answer"] for r in rows])
     assert sum(s == 1.0 for s in scores) >= 0.99 * 500
@@ -32,8 +30,8 @@ def test_math500_reference_solutions_score_one(math_reward):
     assert sum(s == 1.0 for s in shifted) <= 0.01 * 500
 
 
-def test_gsm8k_reference_solutions_score_one(math_reward):
-    rows = _jsonl("gsm8k_test.jsonl")
+def test_gsm8k_reference_solutions_score_one(math_reward, shared_data):
+    rows = _jsonl(shared_data, "gsm8k_test.jsonl")
     scores = math_reward(None, [r["answer"] for r in rows], answer=[gsm8k_gold(r["answer"]) for r in rows])
     assert scores == [1.0] * len(rows)
 

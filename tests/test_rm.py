@@ -18,7 +18,11 @@ from reward.model_reward import HTTPReward, ModelReward, RewardModelScorer
 from reward.reward_server import make_server
 from tests.helpers import randomize_
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_test.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def HH(shared_data):
+    return shared_data / "hh_harmless_test.jsonl.gz"
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,7 @@ def test_model_reward_and_http_reward_give_the_same_scores(rm_dir):
         server.shutdown()
 
 
-def test_rm_eval_runs_on_hh_rlhf_and_reports_skipped_pairs(rm_dir, tmp_path, capsys):
+def test_rm_eval_runs_on_hh_rlhf_and_reports_skipped_pairs(rm_dir, tmp_path, capsys, HH):
     path, _, _ = rm_dir
     out = tmp_path / "eval"
     code = main(["rm", "eval", "--model", str(path), "--data", str(HH), "--out", str(out), "--limit", "60",

@@ -1,13 +1,14 @@
-"""Hostile code: every kind is contained, scores 0, and leaves the host as it was.
+"""Hostile code against the code reward: every program in tests/hostile_programs.py scores 0
+on the task it does not solve, and leaves the host as it was.
 
-The task is `add(a, b)`; each hostile "solution" attacks instead of (or besides) solving it.
-After each run the host is checked: a canary file outside the sandbox, no files planted in
-root-owned places, no bytes at a loopback server, no leaked secret, no process left under a
-sandbox uid, /tmp not filled, and this process alive and in its own directory.
+After each program the host is checked: no new files in the host's writable places (its
+/tmp, /var/tmp, /dev/shm, /root, /etc, /, the checkout and its parent), the canary file
+intact, no bytes at the host's TCP, UDP, unix-path and abstract-unix listeners, no host
+secret in the reward's reason, no process left under a sandbox uid, and the host's
+available memory back where it was.
 """
 
 import os
-import shutil
 import socket
 import threading
 import time
@@ -15,58 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from hostile_programs import ADD_PROMPT, ADD_SOLUTION, ADD_TESTS, HOSTILE, ZERO_PROMPT, ZERO_SOLUTION, ZERO_TESTS
 from reward import CodeReward, Sandbox, SandboxLimits
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="full isolation (namespaces, uid switch) needs root")
 
-TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-5, 5) == 0\n    assert candidate(10, 7) == 17\n"
-WRONG = "def add(a, b):\n    return -999\n"
-
-HOSTILE = {
-    "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
-    "memory_bomb": "blocks = []\nwhile True:\n    blocks.append(bytearray(50_000_000))\n",
-    "infinite_loop": "def add(a, b):\n    while True:\n        pass\n",
-    "busy_thread": "import threading\ndef spin():\n    while True:\n        pass\n"
-                   "threading.Thread(target=spin).start()\n" + WRONG,
-    "deep_recursion": "import sys\nsys.setrecursionlimit(10**7)\ndef add(a, b):\n    return add(a, b) + 1\n",
-    "huge_output": "import sys\nwhile True:\n    sys.stdout.write('x' * 1_000_000)\n",
-    "write_outside": "for p in ['/etc/posttrain-pwned', '/root/posttrain-pwned', '{canary_dir}/pwned', '/work/posttrain-pwned']:\n"
-                     "    try:\n        open(p, 'w').write('pwned')\n    except OSError:\n        pass\n" + WRONG,
-    "delete_files": "import os, shutil\nfor p in ['{canary_dir}/canary.txt']:\n    try:\n        os.remove(p)\n"
-                    "    except OSError:\n        pass\nshutil.rmtree('{canary_dir}', ignore_errors=True)\n" + WRONG,
-    "read_secrets": "import os\nleak = [os.environ.get('POSTTRAIN_SECRET_TOKEN', '')]\n"
-                    "for p in ['/proc/1/environ', '/proc/{host_pid}/environ', '/proc/self/environ']:\n"
-                    "    try:\n        leak.append(open(p).read())\n    except OSError:\n        pass\n"
-                    "print(leak)\ndef add(a, b):\n    return str(leak)\n",
-    "network_socket": "import socket\nfor target in [('127.0.0.1', {port}), ('1.1.1.1', 53)]:\n    try:\n"
-                      "        s = socket.create_connection(target, timeout=1)\n        s.sendall(b'pwned')\n"
-                      "    except OSError:\n        pass\n" + WRONG,
-    "kill_parent": "import os, signal\nfor pid in [os.getppid(), {host_pid}, -1]:\n    try:\n"
-                   "        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\n" + WRONG,
-    "exit_before_tests": "import os\nos._exit(0)\n",
-    "sys_exit_in_tests": "def add(a, b):\n    import sys\n    sys.exit(0)\n",
-    "always_equal_object": "class Always:\n    def __eq__(self, other):\n        return True\n"
-                           "    def __ne__(self, other):\n        return False\n"
-                           "def add(a, b):\n    return Always()\n",
-    "patch_builtins": "import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {{}})\n"
-                      "builtins.BaseException = type('Nope2', (Exception,), {{}})\nbuiltins.print = lambda *a, **k: None\n"
-                      "builtins.isinstance = lambda *a: True\n" + WRONG,
-    "sleep_past_deadline": "import time\ndef add(a, b):\n    time.sleep(1000)\n",
-    "daemon_outlives": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-                       "        time.sleep(60)\n        open('/tmp/daemon-was-here', 'w').write('x')\n    os._exit(0)\n" + WRONG,
-    "fill_tmp": "import os\nfor d in ['/tmp', '/var/tmp', '/dev/shm']:\n    for i in range(1000):\n        try:\n"
-                "            with open(f'{{d}}/fill-{{i}}', 'wb') as f:\n                f.write(b'0' * 8_000_000)\n"
-                "        except OSError:\n            break\n" + WRONG,
-    "change_directory": "import os\nos.chdir('/')\ntry:\n    open('pwned-in-root', 'w').write('x')\nexcept OSError:\n    pass\n" + WRONG,
-    "ctypes_segfault": "import ctypes\nctypes.string_at(0)\n",
-    "fake_success_line": "import os\nprint('All tests passed')\nprint('{{\"passed\": 3, \"total\": 3}}')\n"
-                         "for i in range(3):\n    os.write(3, f'0123456789abcdef pass {{i}}\\n'.encode())\n"
-                         "os.write(3, b'done\\n')\n" + WRONG,
-    "steal_harness_state": "import __main__, os\nleaked = [k for k in dir(__main__) if not k.startswith('__')]\n"
-                           "def add(a, b):\n    import sys\n    f = sys._getframe(1)\n    while f is not None:\n"
-                           "        send = f.f_locals.get('send')\n        if callable(send) and f.f_code.co_name == '_harness':\n"
-                           "            pass\n        f = f.f_back\n    return None\n",
-}
+CHECKOUT = Path(__file__).resolve().parents[1]
+TASKS = {"add": (ADD_PROMPT, ADD_TESTS, "add"), "zero": (ZERO_PROMPT, ZERO_TESTS, "find_zero")}
+LIMITS = SandboxLimits(wall_s=4.0, cpu_s=3, memory_bytes=512 << 20, memory_total_bytes=768 << 20)
+WATCHED = ["/tmp", "/var/tmp", "/dev/shm", "/root", "/etc", "/", str(CHECKOUT), str(CHECKOUT.parent), "/work"]
 
 
 @pytest.fixture(scope="module")
@@ -77,92 +35,210 @@ def sandbox():
     sb.close()
 
 
+class _Listeners:
+    """Host sockets a program might reach: TCP and UDP on loopback, a unix path, an abstract name."""
+
+    def __init__(self, tmp: Path):
+        self.received: list[bytes] = []
+        self.tcp = socket.socket()
+        self.tcp.bind(("127.0.0.1", 0))
+        self.port = self.tcp.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", self.port))
+        self.unix_path = str(tmp / "host.sock")
+        self.unix = socket.socket(socket.AF_UNIX)
+        self.unix.bind(self.unix_path)
+        self.abstract_name = f"posttrain-host-{os.getpid()}"
+        self.abstract = socket.socket(socket.AF_UNIX)
+        self.abstract.bind("\0" + self.abstract_name)
+        for s in (self.tcp, self.unix, self.abstract):
+            s.listen()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._serve, args=(s,), daemon=True)
+                        for s in (self.tcp, self.unix, self.abstract, self.udp)]
+        for t in self.threads:
+            t.start()
+
+    def _serve(self, s):
+        s.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                if s.type == socket.SOCK_DGRAM:
+                    self.received.append(s.recv(100))
+                    continue
+                conn, _ = s.accept()
+            except OSError:
+                continue
+            conn.settimeout(1)
+            try:
+                self.received.append(conn.recv(100) or b"<connected>")
+            except OSError:
+                self.received.append(b"<connected>")
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+        for s in (self.tcp, self.udp, self.unix, self.abstract):
+            s.close()
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     canary_dir = tmp_path_factory.mktemp("canary")
     (canary_dir / "canary.txt").write_text("still here")
     secret = "s3cret-" + os.urandom(8).hex()
     os.environ["POSTTRAIN_SECRET_TOKEN"] = secret
-    received = []
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            conn.settimeout(1)
-            try:
-                received.append(conn.recv(100))
-            except OSError:
-                pass
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield {"canary_dir": canary_dir, "secret": secret, "received": received, "port": server.getsockname()[1]}
-    stop.set()
-    thread.join()
-    server.close()
+    listeners = _Listeners(tmp_path_factory.mktemp("sockets"))
+    yield {"canary_dir": canary_dir, "secret": secret, "listeners": listeners}
+    listeners.close()
     os.environ.pop("POSTTRAIN_SECRET_TOKEN", None)
 
 
+def _fill(code: str, host) -> str:
+    lis = host["listeners"]
+    for key, value in {"@PORT@": lis.port, "@UNIX@": lis.unix_path, "@ABSTRACT@": lis.abstract_name,
+                       "@CANARY@": host["canary_dir"], "@CHECKOUT@": CHECKOUT, "@HOSTPID@": os.getpid()}.items():
+        code = code.replace(key, str(value))
+    return code
+
+
+def _listing() -> dict[str, set[str]]:
+    out = {}
+    for d in WATCHED:
+        try:
+            out[d] = {n for n in os.listdir(d) if not n.startswith("posttrain-sandbox-")}
+        except OSError:
+            out[d] = set()
+    return out
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no MemAvailable")
+
+
+def _memory_back(before: int, slack: int = 128 << 20, timeout_s: float = 15.0) -> bool:
+    """Freed pages reach MemAvailable over a few seconds on some kernels (a plain allocate and
+    free in this process shows it too), so wait for it, within a bound."""
+    deadline = time.monotonic() + timeout_s
+    while _mem_available() < before - slack:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _cgroup_held(sb: Sandbox) -> int:
+    """Anonymous and tmpfs bytes still charged to the sandbox's cgroups (0 without cgroups);
+    page cache of files the jobs read is not held by anyone and stays reclaimable."""
+    total = 0
+    for dirs in sb.cgroups.dirs:
+        for d in dirs:
+            if (d / "memory.stat").exists():
+                stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+                total += sum(int(stat.get(k, 0)) for k in ("anon", "shmem", "rss"))
+    return total
+
+
 def _sandbox_processes(sb: Sandbox) -> list[str]:
-    uids = {str(sb.uid_base + k) for k in range(sb.max_parallel)}
+    uids = {str(u) for u in sb.uids()}
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            text = status.read_text()
+            uid_line = next((l for l in status.read_text().splitlines() if l.startswith("Uid:")), "")
         except OSError:
             continue
-        uid_line = next((l for l in text.splitlines() if l.startswith("Uid:")), "")
         if uid_line.split()[1:2] and uid_line.split()[1] in uids:
             found.append(status.parent.name)
     return found
 
 
-@pytest.mark.parametrize("kind", sorted(HOSTILE))
-def test_hostile_code_is_contained_and_scores_zero(kind, sandbox, host):
-    assert len(HOSTILE) >= 20
-    code = HOSTILE[kind].format(canary_dir=host["canary_dir"], port=host["port"], host_pid=os.getpid())
-    cwd = os.getcwd()
-    tmp_free = shutil.disk_usage("/tmp").free
-    reward = CodeReward(limits=SandboxLimits(wall_s=4.0, cpu_s=3, memory_bytes=512 << 20), sandbox=sandbox)
+def _score(sandbox, task: str, code: str):
+    prompt, tests, entry = TASKS[task]
+    reward = CodeReward(limits=LIMITS, sandbox=sandbox)
+    return reward.score_detailed([prompt], [code], test=[tests], entry_point=[entry])[0]
+
+
+@pytest.mark.parametrize("task,code", [("add", ADD_SOLUTION), ("zero", ZERO_SOLUTION)])
+def test_the_tasks_are_solvable(sandbox, task, code):
+    """Positive control: the corpus's zeros mean something only if a real solution scores 1."""
+    result = _score(sandbox, task, code)
+    assert result.score == 1.0 and result.isolation == "full", result
+
+
+def test_the_corpus_covers_the_attack_classes():
+    assert len(HOSTILE) >= 40
+    names = set(HOSTILE)
+    for needed in ("frame_walk", "gc_walk", "always_equal_staticmethod", "always_equal_callable_instance",
+                   "always_equal_lying_mro", "rebind_builtin_module_level", "patch_modules", "rebind_test_helper",
+                   "exit_at_import", "fake_report_every_fd", "signal_everyone", "fork_bomb", "thread_bomb",
+                   "memory_bomb_many_processes", "daemon_outlives", "read_host_files", "write_host_files",
+                   "tcp_to_host", "unix_socket_to_host", "abstract_socket_to_host", "other_socket_families",
+                   "proc_tricks"):
+        assert needed in names, needed
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_program_scores_zero_and_leaves_the_host_alone(name, sandbox, host):
+    task, code = HOSTILE[name]
+    code = _fill(code, host)
+    before, mem_before, cwd = _listing(), _mem_available(), os.getcwd()
     t0 = time.monotonic()
-    result = reward.score_detailed([None], [code], test=[TESTS], entry_point=["add"])[0]
+    result = _score(sandbox, task, code)
     elapsed = time.monotonic() - t0
 
-    assert result.score == 0.0, (kind, result)
-    assert elapsed < 10, f"{kind} took {elapsed:.1f}s"
-    # the host is unharmed
+    assert result.score == 0.0, (name, result)
+    assert result.isolation == "full"
+    assert elapsed < LIMITS.wall_s + 6, f"{name} took {elapsed:.1f}s"
+    after = _listing()
+    assert {d: after[d] - before[d] for d in WATCHED if after[d] - before[d]} == {}
     assert (host["canary_dir"] / "canary.txt").read_text() == "still here"
-    for planted in ("/etc/posttrain-pwned", "/root/posttrain-pwned", "/work/posttrain-pwned", "/pwned-in-root",
-                    str(host["canary_dir"] / "pwned"), "/tmp/daemon-was-here"):
-        assert not os.path.exists(planted), planted
-    assert host["received"] == []
-    assert host["secret"] not in result.reason + " ".join(result.failures)
+    assert sorted(p.name for p in host["canary_dir"].iterdir()) == ["canary.txt"]
+    assert host["listeners"].received == []
+    text = result.reason + " ".join(result.failures)
+    assert host["secret"] not in text and "still here" not in text and "posttrain" not in text.lower()
     assert _sandbox_processes(sandbox) == []
-    assert shutil.disk_usage("/tmp").free > tmp_free - (50 << 20)
+    assert _cgroup_held(sandbox) < 32 << 20, "the job's cgroup still holds memory"
+    assert _memory_back(mem_before), "host memory not given back"
     assert os.getcwd() == cwd
 
 
-def test_secret_never_reaches_the_program(sandbox, host):
-    """Positive control for read_secrets: the program's own output shows what it could read."""
-    code = HOSTILE["read_secrets"].format(host_pid=os.getpid())
-    run = sandbox.run({"solution.py": code + "print(add(1, 2))\n"}, ["solution.py"])
+def test_the_listeners_would_have_noticed(host):
+    """Positive control for the socket checks: a host-side connection is recorded."""
+    lis = host["listeners"]
+    for family, address in ((socket.AF_INET, ("127.0.0.1", lis.port)), (socket.AF_UNIX, lis.unix_path),
+                            (socket.AF_UNIX, "\0" + lis.abstract_name)):
+        with socket.socket(family) as s:
+            s.connect(address)
+            s.sendall(b"hello")
+    deadline = time.monotonic() + 5
+    while len(lis.received) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(lis.received) == [b"hello"] * 3
+    lis.received.clear()
+
+
+def test_the_sandbox_sees_only_what_the_interpreter_needs(sandbox, host):
+    """Positive control for the file checks: the program's own view of the filesystem."""
+    code = ("import os\nprint(sorted(os.listdir('/')))\nprint(os.path.exists('@CHECKOUT@'), os.path.exists('@CANARY@'),"
+            " os.path.exists('/root'), os.path.exists('/run'), os.path.exists('/home'), os.path.exists('/sys'))\n"
+            "print((sorted(os.listdir('/tmp')), sorted(os.listdir('/dev'))))\n")
+    run = sandbox.run({"view.py": _fill(code, host)}, ["view.py"])
     assert run.returncode == 0, run.stderr
-    assert host["secret"] not in run.stdout and "POSTTRAIN" not in run.stdout
+    top, flags, rest = run.stdout.strip().splitlines()
+    assert set(eval(top)) <= {"bin", "dev", "etc", "lib", "lib64", "lib32", "libx32", "proc", "python", "sbin", "tmp", "usr"}
+    assert flags == "False False False False False False"
+    tmp, dev = eval(rest)
+    assert tmp == ["w"] and dev == ["null", "random", "urandom", "zero"]
 
 
-def test_daemons_die_with_the_program(sandbox):
+def test_daemons_die_with_the_job(sandbox):
     code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n    os._exit(0)\n"
             "print(os.getpid())\n")
     run = sandbox.run({"d.py": code}, ["d.py"])
     assert run.stdout.strip() == "1"  # PID 1 of its own namespace
-    time.sleep(0.2)
     assert _sandbox_processes(sandbox) == []
