@@ -104,7 +104,7 @@ def _verify(records: list[dict]) -> list[tuple[float | None, str]]:
             continue
         batch = [records[i] for i in idx]
         columns = {k: [r.get(k) for r in batch] for k in ("answer", "test", "entry_point", "code_prompt")}
-        explained = reward.get(name).explain(None, [r["completion"] for r in batch], **columns)
+        explained = reward.get(name).explain(prompts=None, completions=[r["completion"] for r in batch], **columns)
         for i, pair in zip(idx, explained):
             out[i] = pair
     return out

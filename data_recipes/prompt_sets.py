@@ -3,7 +3,8 @@
 A prompt set is read into `PromptRecord`s: a stable id, the problem text, the task kind
 (what verifies its answers: "math", "code", or None) and the columns verifiers and exports
 need (gold `answer`, code `test` + `entry_point`, the dataset's own `reference` solution).
-A field mapping says where each lives in the source. Records that cannot be used are
+A field mapping says where each lives in the source; every other field of a record is kept
+as a column under its own name, as TRL passes a dataset's columns to reward functions. Records that cannot be used are
 returned as rejects with a reason, never dropped silently.
 
 Built-in recipes read the real data in ../shared/data (or $POSTTRAIN_SHARED_DATA):
@@ -124,6 +125,11 @@ def _convert(n: int, rec: dict, fields: FieldMap, source_name: str) -> tuple[Pro
             if value is not None:
                 cols[key] = value
     task = fields.task or ("code" if "test" in cols else "math" if "answer" in cols else None)
+    # every other field travels as a column under its own name (TRL hands reward functions all
+    # of a dataset's columns); the mapped columns win a clash
+    for key, value in rec.items():
+        if key not in (fields.problem, fields.id) and key not in cols:
+            cols[key] = value
     return PromptRecord(rid, problem, task, cols), None
 
 

@@ -51,3 +51,19 @@ def read_jsonl(path: str | os.PathLike):
                 yield n, None, f"a line must be a JSON object, got {type(rec).__name__}"
                 continue
             yield n, rec, None
+
+
+def truncate_jsonl(path: str | os.PathLike, keep) -> None:
+    """Rewrite a jsonl log keeping the rows `keep(row)` accepts (a resumed run drops the rows it
+    is about to write again); atomic, and a no-op when the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip() and keep(json.loads(line)):
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed run
+    atomic_write_text(path, "".join(kept))

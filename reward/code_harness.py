@@ -1,10 +1,11 @@
 """Host side of assert-style tests (HumanEval `check(candidate)`, MBPP asserts): the test
 source as the tests' process runs it, the names it needs from the solution, and its report.
 
-Each top-level statement of the test function that contains an `assert` counts as one test
-and is wrapped so that its outcome is reported on its own: a failing assert, an exception or
-a `sys.exit()` inside it fails that test only. Statements without asserts run as written (a
-crash there fails every test not yet reported).
+Each top-level statement of the test function that runs an `assert` counts as one test and
+is wrapped so that its outcome is reported on its own: a failing assert, an exception or a
+`sys.exit()` inside it fails that test only. Asserts inside helpers the tests define, and
+asserts of a constant (`assert True, "..."`), are not tests. Statements without asserts run as
+written (a crash there fails every test not yet reported).
 
 The tests run in their own process (code_test_runner.py) and reach the solution's process
 (code_solution_server.py) only through plain data, so nothing the solution does to its own
@@ -19,14 +20,27 @@ import ast
 PASS, FAIL, DONE, SETUP = "pass", "fail", "done", "setup"
 
 
+def _real_asserts(node: ast.AST):
+    """The asserts a statement runs itself: not those of functions, classes or lambdas it
+    defines (defining a helper is not a test), nor `assert <constant that is true>` (HumanEval's
+    `assert True, "..."` filler cannot fail)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        if isinstance(child, ast.Assert) and not (isinstance(child.test, ast.Constant) and child.test.value):
+            yield child
+        yield from _real_asserts(child)
+
+
 class _Instrument:
-    """Wrap the assert-bearing statements of one function, one reported test each."""
+    """Wrap the statements of one function that run an assert, one reported test each."""
 
     def __init__(self):
         self.n_tests = 0
 
     def wrap(self, stmt: ast.stmt) -> ast.stmt:
-        if not any(isinstance(n, ast.Assert) for n in ast.walk(stmt)):
+        wrapper = ast.Module(body=[stmt], type_ignores=[])
+        if not any(True for _ in _real_asserts(wrapper)):
             return stmt
         i = self.n_tests
         self.n_tests += 1
@@ -78,20 +92,26 @@ def solution_names(source: str) -> list[str]:
     return sorted(used - bound)
 
 
-def parse_report(report: str, n_tests: int) -> tuple[list[bool], list[str], bool, str | None]:
-    """(passed per test, failure reasons, whether the tests finished, a setup error)."""
-    passed = [False] * n_tests
+def parse_report(report: bytes, n_tests: int) -> tuple[list[bool], list[str], bool, str | None]:
+    """(passed per test, failure reasons, whether the tests finished, a setup error), from the
+    tests' plain_data messages. A test passes only if it reported a pass and no failure."""
+    from .plain_data import messages
+
+    passed, failed = [False] * n_tests, [False] * n_tests
     reasons: list[str] = []
     done, setup = False, None
-    for line in report.splitlines():
-        parts = line.split(" ", 2)
-        kind = parts[0]
-        if kind == PASS and len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) < n_tests:
-            passed[int(parts[1])] = True
-        elif kind == FAIL and len(parts) >= 2 and parts[1].isdigit():
-            reasons.append(f"test {parts[1]}: {parts[2] if len(parts) > 2 else 'failed'}")
+    for msg in messages(report):
+        if type(msg) is not tuple or not msg or type(msg[0]) is not str:
+            continue
+        kind = msg[0]
+        index = msg[1] if len(msg) > 1 and type(msg[1]) is int and 0 <= msg[1] < n_tests else None
+        if kind == PASS and index is not None:
+            passed[index] = True
+        elif kind == FAIL and index is not None:
+            failed[index] = True
+            reasons.append(f"test {index}: {msg[2] if len(msg) > 2 and type(msg[2]) is str else 'failed'}")
         elif kind == SETUP and setup is None:
-            setup = " ".join(parts[1:])
+            setup = msg[1] if len(msg) > 1 and type(msg[1]) is str else "setup failed"
         elif kind == DONE:
             done = True
-    return passed, reasons, done, setup
+    return [p and not f for p, f in zip(passed, failed)], reasons, done, setup

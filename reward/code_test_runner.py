@@ -6,8 +6,9 @@ prompt, optional), `config.bin` (marshal, from the host) and `plain_data.py`; st
 library only. This process
 never runs the solution's code: its builtins, modules and frames are its own. The solution's
 functions are proxies that send plain data to the solution's process (fd 4) and read plain
-data back (fd 5); the verdict goes to the host on fd 3, which the solution never holds:
-    pass <i> | fail <i> <reason> | setup <reason> | done
+data back (fd 5); the verdict goes to the host on fd 3, which the solution never holds, as
+plain_data messages (so text from the solution cannot forge a line):
+    ("pass", i) | ("fail", i, reason) | ("setup", reason) | ("done",)
 Helpers the task defines (HumanEval/32's `poly`, /38's `encode_cyclic`) come from the code
 prompt, not from the solution, so a solution cannot rebind what its tests rely on.
 """
@@ -28,7 +29,7 @@ class SolutionError(Exception):
 
 
 def report(*parts) -> None:
-    os.write(REPORT, (" ".join(str(p) for p in parts).replace("\n", " ")[:1000] + "\n").encode())
+    plain_data.write_message(REPORT, tuple(p if type(p) is int else str(p)[:1000] for p in parts))
 
 
 def why(e: BaseException) -> str:
@@ -63,12 +64,14 @@ class Channel:
 
 def rebuilt(error) -> BaseException:
     """A built-in Exception subclass by name (so `except ValueError` in tests works), else
-    SolutionError; never SystemExit or another BaseException-only type."""
+    SolutionError; never SystemExit or another BaseException-only type, nor the iteration
+    protocol's StopIteration."""
     if type(error) is not tuple or len(error) != 2 or not all(type(x) is str for x in error):
         return SolutionError("malformed error from the solution")
     name, message = error[0][:100], error[1][:300]
     cls = getattr(builtins, name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
+    # StopIteration would end the tests' own loops (map, filter, generators) early: never rebuilt
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, (StopIteration, StopAsyncIteration)):
         try:
             return cls(message)
         except Exception:

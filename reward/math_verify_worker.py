@@ -40,4 +40,10 @@ def verify_pair(item: tuple[str, str, int]) -> dict:
     if not answer_parsed:
         return {"correct": False, "reason": "answer could not be parsed"}
     ok = bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
+    if ok:  # math-verify's numeric check cannot tell values apart below its resolution
+        from .math_exact import exact_disagreement
+
+        why = exact_disagreement(gold_parsed[0], answer_parsed[0])
+        if why:
+            return {"correct": False, "reason": f"mismatch: {why}"}
     return {"correct": ok, "reason": "match" if ok else "mismatch"}

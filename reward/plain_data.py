@@ -196,3 +196,21 @@ def read_message(stream, limit: int = MAX_MESSAGE):
     if len(data) != n:
         raise EOFError("the peer closed the channel mid-message")
     return decode(data)
+
+
+def messages(data: bytes, limit: int = MAX_MESSAGE):
+    """The messages in `data`, in order; stops at the first incomplete or malformed one (a
+    writer killed mid-message)."""
+    i = 0
+    while i < len(data):
+        j = data.find(b"\n", i, i + 24)
+        if j < 0 or not data[i:j].isdigit():
+            return
+        n = int(data[i:j])
+        if n > limit or j + 1 + n > len(data):
+            return
+        try:
+            yield decode(data[j + 1:j + 1 + n])
+        except NotPlainData:
+            return
+        i = j + 1 + n

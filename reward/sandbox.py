@@ -27,6 +27,7 @@ Parallel jobs are spread over `max_parallel` slots, each with its own uids and c
 
 from __future__ import annotations
 
+import atexit
 import marshal
 import os
 import queue
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +100,7 @@ class SandboxResult:
     returncode: int | None
     stdout: str
     stderr: str
-    report: str              # what the job wrote to its report fd
+    report: bytes            # what the job wrote to its report fd, as written
     timed_out: bool
     output_limited: bool     # killed for writing more than output_bytes
     wall_s: float
@@ -165,11 +167,13 @@ class Sandbox:
         processes x address-space bound even where a cgroup could be made. `python`: the
         interpreter that runs the programs (default: this one's base interpreter), laid out
         as PREFIX/bin/python with its standard library under PREFIX/lib."""
-        self.max_parallel = max_parallel or os.cpu_count() or 2
+        self.max_parallel = max_parallel or min(os.cpu_count() or 2, _SLOTS_PER_SANDBOX)
+        if not 0 < self.max_parallel <= _SLOTS_PER_SANDBOX:
+            raise ValueError(f"max_parallel must be between 1 and {_SLOTS_PER_SANDBOX}, got {self.max_parallel}")
         self.limits = (limits or SandboxLimits()).validate()
-        if uid_base is None:  # each sandbox in a process gets its own uids, so their limits never mix
+        if uid_base is None:  # each sandbox, in this process and beside others, gets its own uids
             with Sandbox._instances_lock:
-                uid_base = 61000 + _ROLES_PER_SLOT * 256 * Sandbox._instances
+                uid_base = _uid_base(Sandbox._instances)
                 Sandbox._instances += 1
         self.uid_base = uid_base
         self.site_packages = site_packages
@@ -177,7 +181,8 @@ class Sandbox:
         self._slots: queue.Queue[int] = queue.Queue()
         for k in range(self.max_parallel):
             self._slots.put(k)
-        self._host_dir = Path(tempfile.mkdtemp(prefix="posttrain-sandbox-"))
+        _remove_stale()
+        self._host_dir = Path(tempfile.mkdtemp(prefix=f"posttrain-sandbox-{os.getpid()}-"))
         self._host_dir.chmod(0o711)  # weak isolation: each role's uid reaches its own (0700) directory
         (self._host_dir / "root").mkdir()
         self._counter = 0
@@ -185,6 +190,7 @@ class Sandbox:
         self.cgroups = SlotCgroups(f"posttrain-sandbox-{os.getpid()}-{uid_base}",
                                    self.max_parallel if memory_cgroup else 0)
         self.memory_limit = f"cgroup-{self.cgroups.kind}" if self.cgroups.kind else "rlimit-bound"
+        _live.add(self)
         self.isolation, why = "weak", "not running as root"
         if isolate and os.geteuid() == 0:
             self.isolation = "full"
@@ -323,12 +329,51 @@ class Sandbox:
     def close(self) -> None:
         self.cgroups.close()
         shutil.rmtree(self._host_dir, ignore_errors=True)
+        _live.discard(self)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+_SLOTS_PER_SANDBOX = 256
+
+
+def _uid_base(instance: int) -> int:
+    """Sandbox uids: a block per (process, sandbox), so that neither two sandboxes of one
+    process nor the sandboxes of processes side by side (the ranks of a distributed run) share
+    a uid, and with it an RLIMIT_NPROC count or a kernel keyring."""
+    block = _ROLES_PER_SLOT * _SLOTS_PER_SANDBOX
+    return 1_000_000 + ((os.getpid() % 32768) * 8 + instance % 8) * block
+
+
+_live: "weakref.WeakSet[Sandbox]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for sb in list(_live):
+        sb.close()
+
+
+def _remove_stale() -> None:
+    """Leftovers of sandboxes whose process died without closing them (killed runs): their
+    host directories and cgroups, found by the process id in their names."""
+    for path in Path(tempfile.gettempdir()).glob("posttrain-sandbox-*-*"):
+        _remove_if_orphaned(path, lambda p: shutil.rmtree(p, ignore_errors=True))
+    for path in SlotCgroups.leftovers("posttrain-sandbox-"):
+        _remove_if_orphaned(path, lambda p: p.rmdir())
+
+
+def _remove_if_orphaned(path: Path, remove) -> None:
+    pid = path.name.split("-")[2]
+    if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        try:
+            remove(path)
+        except OSError:
+            pass
 
 
 def _kill_uids(uids: set[int]) -> None:
@@ -408,4 +453,4 @@ def _collect(proc, rep_r, stdin, limits: SandboxLimits, t0: float):
             pass
     cap = limits.output_bytes
     dec = lambda b: bytes(b[:cap]).decode("utf-8", "replace")  # noqa: E731
-    return dec(bufs["out"]), dec(bufs["err"]), dec(bufs["rep"]), timed_out, limited
+    return dec(bufs["out"]), dec(bufs["err"]), bytes(bufs["rep"][:cap]), timed_out, limited

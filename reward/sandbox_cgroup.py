@@ -79,7 +79,7 @@ class SlotCgroups:
 
     # ------------------------------------------------------------ discovery
     @staticmethod
-    def _v2_bases() -> list[tuple[str, Path]]:
+    def _v2_bases(enable: bool = True) -> list[tuple[str, Path]]:
         own = _own_cgroups().get("")
         mount = next((m for m, fs, _ in _mounts() if fs == "cgroup2"), None)
         if own is None or mount is None:
@@ -91,6 +91,8 @@ class SlotCgroups:
                 return []
             enabled = (base / "cgroup.subtree_control").read_text().split()
             if not {"memory", "pids"} <= set(enabled):
+                if not enable:
+                    return []
                 _write(base / "cgroup.subtree_control", "+memory +pids")
         except OSError:
             return []
@@ -134,6 +136,15 @@ class SlotCgroups:
                     _write(path / "memory.memsw.limit_in_bytes", str(memory_bytes))
             if (path / "pids.max").exists():
                 _write(path / "pids.max", str(max_pids))
+
+    @classmethod
+    def leftovers(cls, prefix: str) -> list[Path]:
+        """Existing cgroups whose names start with `prefix`, in every hierarchy this process
+        could have made them in."""
+        if os.geteuid() != 0:
+            return []
+        bases = [base for _, base in cls._v2_bases(enable=False) + cls._v1_bases()]
+        return [p for base in bases if base.is_dir() for p in base.glob(prefix + "*") if p.is_dir()]
 
     # ------------------------------------------------------------------ use
     def procs_files(self, slot: int) -> list[str]:

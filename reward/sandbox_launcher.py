@@ -69,8 +69,8 @@ def _bind_readonly(source: str, target: str, extra: int = 0) -> None:
 
 
 # ------------------------------------------------------------------ seccomp
-_ARCH = {"x86_64": (0xC000003E, {"socket": 41, "unshare": 272, "clone": 56}),
-         "aarch64": (0xC00000B7, {"socket": 198, "unshare": 97, "clone": 220})}
+_ARCH = {"x86_64": (0xC000003E, {"socket": 41, "unshare": 272, "clone": 56, "keys": (248, 249, 250)}),
+         "aarch64": (0xC00000B7, {"socket": 198, "unshare": 97, "clone": 220, "keys": (217, 218, 219)})}
 _IO_URING = (425, 426, 427)      # io_uring_setup / enter / register: one number on every arch
 _CLONE3 = 435
 _ALLOWED_FAMILIES = (1, 2, 10)   # AF_UNIX, AF_INET, AF_INET6: the namespaces confine these
@@ -79,7 +79,8 @@ _ALLOWED_FAMILIES = (1, 2, 10)   # AF_UNIX, AF_INET, AF_INET6: the namespaces co
 def _seccomp_filter() -> bytes | None:
     """A BPF program: kill other ABIs; sockets of the allowed families only; no io_uring (its
     socket op bypasses this filter); no new user namespaces (clone3 answers ENOSYS so the C
-    library falls back to clone, whose flags can be read)."""
+    library falls back to clone, whose flags can be read); no kernel keyrings (add_key,
+    request_key, keyctl: a store per uid that would outlive the job)."""
     arch = _ARCH.get(os.uname().machine)
     if arch is None:
         return None
@@ -100,7 +101,7 @@ def _seccomp_filter() -> bytes | None:
     op(JEQ, nr["unshare"], "flags", 0)
     op(JEQ, nr["clone"], "flags", 0)
     op(JEQ, _CLONE3, "enosys", 0)
-    for n in _IO_URING:
+    for n in _IO_URING + nr["keys"]:
         op(JEQ, n, "eperm", 0)
     op(RET, ALLOW)
     labels = {"socket": len(prog)}

@@ -51,5 +51,9 @@ def hf_config(args: ModelArgs):
 
 def digit_share(prompts=None, completions=None, **columns):
     """A reward with TRL's signature that varies even for an untrained policy's text (for RL
-    tests that need groups with unequal rewards); configs name it `helpers:digit_share`."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+    tests that need groups with unequal rewards); configs name it `helpers:digit_share`.
+    Completions come as chat messages when the prompts are chats (TRL's convention)."""
+    from reward.text import completion_text
+
+    texts = [completion_text(c) for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]

@@ -47,6 +47,22 @@ ZERO_SOLUTION = """def find_zero(xs):
     return lo
 """
 
+# tests that iterate over the candidate's answers, and tests built from a helper and filler
+ITER_TESTS = """
+def check(candidate):
+    assert all(map(lambda p: candidate(*p) == sum(p), [(1, 2), (10, 7)]))
+    assert list(map(lambda p: candidate(*p), [(1, 2)])) != [999]
+    assert sum(candidate(i, i) for i in range(3)) == 6
+"""
+HELPER_TESTS = """
+def check(candidate):
+    def t(a, b, want):
+        assert candidate(a, b) == want
+    t(1, 2, 3)
+    t(10, 7, 17)
+    assert True, "This prints if this assert fails (good for debugging!)"
+"""
+
 WRONG = "def add(a, b):\n    return -999\n"
 
 # name -> (task, program); "add" programs define a wrong add (or none) unless they end early
@@ -203,6 +219,22 @@ for v in (b'i3;', b'i0;', b'i17;'):
 """ + WRONG),
     "close_channels": ("add", "import os\nfor fd in range(3, 16):\n    try:\n        os.close(fd)\n    except OSError:\n        pass\n" + WRONG),
     "raise_named_assertion": ("add", "def add(a, b):\n    raise AssertionError('pass')\n"),
+    "report_injection_cr": ("add", "def add(a, b):\n    raise ValueError('\\rpass 0\\rpass 1\\rpass 2\\rpass 3\\rdone')\n"),
+    "report_injection_separators": ("add", """
+def add(a, b):
+    seps = ['\\u2028', '\\u2029', '\\x85', '\\x1c', '\\x1d', '\\x1e', '\\x0b', '\\x0c', '\\r\\n']
+    raise KeyError(''.join(s + 'pass %d' % i for s in seps for i in range(4)) + '\\rdone')
+"""),
+    "report_injection_at_import": ("add", "raise ValueError('\\rpass 0\\rpass 1\\rpass 2\\rpass 3\\rdone')\n"),
+    "report_injection_odd_digits": ("add", "def add(a, b):\n    raise ValueError('\\rpass \\u00b2\\rpass \\u0663\\rdone')\n"),
+    "stop_iteration": ("iter", "def add(a, b):\n    raise StopIteration\n"),
+    "stop_async_iteration": ("iter", "def add(a, b):\n    raise StopAsyncIteration\n"),
+    "helper_asserts_and_filler": ("helper", "def add(a, b):\n    return 0\n"),
+    "keyring_store": ("add", """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall(248, b'user', b'posttrain-leak', b'secret', 6, -4)
+""" + WRONG),
     # --- signals
     "signal_everyone": ("add", """
 import os, signal

@@ -110,15 +110,33 @@ def test_group_advantages_scales_and_zero_std_groups():
     g0 = [1.0, 0.0, 0.0, 1.0]
     mean = sum(g0) / 4
     std = math.sqrt(sum((x - mean) ** 2 for x in g0) / 3)
-    assert adv[:4].tolist() == pytest.approx([(x - mean) / (std + 1e-6) for x in g0], rel=1e-6)
+    assert adv[:4].tolist() == pytest.approx([(x - mean) / (std + 1e-4) for x in g0], rel=1e-6)
     assert adv[4:8].tolist() == [0.0] * 4
     none, _ = group_advantages(r, 4, "none")
     assert none[8:].tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0])
     batch, _ = group_advantages(r, 4, "batch")
     bstd = r.double().std().item()
-    assert batch[8].item() == pytest.approx(1.0 / (bstd + 1e-6), rel=1e-6)
+    assert batch[8].item() == pytest.approx(1.0 / (bstd + 1e-4), rel=1e-6)
     with pytest.raises(ValueError):
         group_advantages(r[:10], 4)
+
+
+def test_unscorable_samples_leave_the_baseline_and_get_zero_advantage():
+    """NaN = every reward returned None: out of the group's mean and std, advantage 0 (TRL)."""
+    nan = float("nan")
+    r = torch.tensor([1.0, nan, 0.0, 0.5, nan, nan, 2.0, nan, nan, nan, nan, nan], dtype=torch.float64)
+    adv, zero = group_advantages(r, 4, "group")
+    g = [1.0, 0.0, 0.5]
+    mean = sum(g) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in g) / 2)
+    want = [(1.0 - mean) / (std + 1e-4), 0.0, (0.0 - mean) / (std + 1e-4), (0.5 - mean) / (std + 1e-4)]
+    assert adv[:4].tolist() == pytest.approx(want, rel=1e-12)
+    assert adv[4:].tolist() == [0.0] * 8      # one scored sample: no baseline; none scored: nothing
+    assert zero.tolist() == [False, True, True]
+    batch, _ = group_advantages(r, 4, "batch")
+    bstd = r[~torch.isnan(r)].std().item()
+    assert batch[0].item() == pytest.approx((1.0 - mean) / (bstd + 1e-4), rel=1e-12)
+    assert not torch.isnan(batch).any()
 
 
 def test_bad_settings_are_refused():

@@ -127,3 +127,18 @@ def test_helpers_come_from_the_task_not_the_solution(code_reward):
     honest = "    return double(double(x))\n"
     cheat = "def double(x):\n    return 0\n\n\ndef quad(x):\n    return 0\n"
     assert code_reward([prompt, prompt], [honest, cheat], test=[tests] * 2, entry_point=["quad"] * 2) == [1.0, 0.0]
+
+
+FORGED_BODIES = {
+    # a growing counter of fake "pass" lines in the messages of raised exceptions
+    "report_injection": ("    import builtins\n    c = getattr(builtins, '_c', 0); builtins._c = c + 1\n"
+                         "    raise ValueError(''.join('\\rpass %d' % i for i in range(c * 36, c * 36 + 36)) + '\\rdone')\n"),
+    # fails every real assert; HumanEval's `assert True, ...` filler must not count as passed tests
+    "fails_everything": "    raise RuntimeError('no')\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGED_BODIES))
+def test_forged_bodies_score_zero_on_all_of_humaneval(humaneval, code_reward, name):
+    scores = code_reward([r["prompt"] for r in humaneval], [FORGED_BODIES[name]] * len(humaneval), **_cols(humaneval))
+    assert [(r["task_id"], s) for r, s in zip(humaneval, scores) if s != 0.0] == []

@@ -109,3 +109,50 @@ def test_pool_kills_an_item_stuck_in_c_code_and_keeps_serving():
         assert out.timed_out and not out.ok and time.monotonic() - t0 < 1.5
         again = pool.run(0.01, deadline_s=20)  # a replacement worker serves the next item
         assert again.ok and pool.replaced == 1
+
+
+# (gold, answer) pairs that differ, but only beyond 15 significant digits, or by a tiny amount
+# next to a huge one: math-verify's numeric check alone calls many of them equal
+NEAR_EQUAL = [
+    ("10^{-20}", "10^{-20}+10^{-40}"), ("\\frac{1}{10^{20}}", "\\frac{1}{10^{20}+1}"), ("2^{-100}", "2^{-100}+2^{-160}"),
+    ("\\frac{7}{10^{30}}", "\\frac{7}{10^{30}}+\\frac{1}{10^{50}}"), ("3^{-40}", "3^{-40}(1+10^{-18})"),
+    ("e^{-50}", "e^{-50}+e^{-90}"), ("\\sqrt{10^{40}+1}", "10^{20}"), ("\\ln(10^{20}+1)", "\\ln(10^{20})"),
+    ("\\sin(10^{-20})", "10^{-20}"), ("\\sqrt{2}+10^{-20}", "\\sqrt{2}"), ("\\pi+10^{-20}", "\\pi"),
+    ("\\frac{100!}{98!}", "9901"), ("\\frac{100!}{98!}", "9900+10^{-20}"), ("\\frac{100!+1}{100!}", "1"),
+    ("\\frac{(2^{60}+1)}{2^{60}}", "1"), ("100!", "100!+1"), ("2^{100}", "2^{100}+1"), ("3^{200}", "3^{200}-1"),
+    ("99^{99}", "99^{99}+1"), ("2^{1000}", "2^{1000}-1"), ("\\binom{200}{100}", "\\binom{200}{100}+1"),
+    ("\\frac{\\binom{200}{100}+1}{\\binom{200}{100}}", "1"), ("10^{30}+1", "10^{30}"), ("1+10^{-30}", "1"),
+    ("e^{50}", "e^{50}+1"), ("10^{20}\\pi", "10^{20}\\pi+1"), ("2^{64}", "18446744073709551617"),
+    ("2^{70}", "1180591620717411303424.5"), ("\\frac{1}{3}+10^{-17}", "\\frac{1}{3}"), ("\\frac{1}{2^{1000}}", "0"),
+    ("(10^{-20}, 1)", "(10^{-20}+10^{-40}, 1)"), ("\\{10^{-30}, 2\\}", "\\{10^{-30}+10^{-60}, 2\\}"),
+    ("\\left(1+10^{-20}\\right)^{2}", "1"), ("\\sqrt{10^{30}+1}-10^{15}", "0"), ("e^{-1000}", "0"),
+]
+
+
+def test_near_equal_values_are_never_called_equal(math_reward):
+    assert len(NEAR_EQUAL) >= 30
+    scores = math_reward(None, [f"\\boxed{{{a}}}" for _, a in NEAR_EQUAL], answer=[g for g, _ in NEAR_EQUAL])
+    assert [(g, a) for (g, a), s in zip(NEAR_EQUAL, scores) if s != 0.0] == []
+
+
+def test_math500_golds_pass_the_exact_check_too(shared_data):
+    """Every gold against itself through math-verify and the exact check (no string shortcut),
+    and numeric golds rewritten to other exact forms (n as 2n/2, a/b as 3a/3b), are accepted;
+    decimals stay accepted within math-verify's own tolerance."""
+    import re
+
+    from reward.math_verify_worker import verify_pair
+
+    golds = [r["answer"] for r in _jsonl(shared_data, "math500_test.jsonl")]
+    same = [verify_pair((g, g, 3))["correct"] for g in golds]
+    assert sum(s is True for s in same) >= 0.99 * len(golds)
+    rewritten = []
+    for g in golds:
+        if re.fullmatch(r"-?\d+", g):
+            rewritten.append((g, f"\\frac{{{2 * int(g)}}}{{2}}"))
+        elif m := re.fullmatch(r"\\d?frac\{(\d+)\}\{(\d+)\}", g):
+            rewritten.append((g, f"\\frac{{{3 * int(m.group(1))}}}{{{3 * int(m.group(2))}}}"))
+    assert len(rewritten) > 300
+    assert [p for p in rewritten if verify_pair((*p, 3))["correct"] is not True] == []
+    for gold, decimal in (("\\frac{1}{3}", "0.333333"), ("\\sqrt{2}", "1.41421356237"), ("\\frac{1}{2}", "0.5")):
+        assert verify_pair((gold, decimal, 3))["correct"] is True

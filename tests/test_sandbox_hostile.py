@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from hostile_programs import ADD_PROMPT, ADD_SOLUTION, ADD_TESTS, HOSTILE, ZERO_PROMPT, ZERO_SOLUTION, ZERO_TESTS
+from hostile_programs import (ADD_PROMPT, ADD_SOLUTION, ADD_TESTS, HELPER_TESTS, HOSTILE, ITER_TESTS, ZERO_PROMPT,
+                              ZERO_SOLUTION, ZERO_TESTS)
 from reward import CodeReward, Sandbox, SandboxLimits
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="full isolation (namespaces, uid switch) needs root")
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-TASKS = {"add": (ADD_PROMPT, ADD_TESTS, "add"), "zero": (ZERO_PROMPT, ZERO_TESTS, "find_zero")}
+TASKS = {"add": (ADD_PROMPT, ADD_TESTS, "add"), "zero": (ZERO_PROMPT, ZERO_TESTS, "find_zero"),
+         "iter": (ADD_PROMPT, ITER_TESTS, "add"), "helper": (ADD_PROMPT, HELPER_TESTS, "add")}
 LIMITS = SandboxLimits(wall_s=4.0, cpu_s=3, memory_bytes=512 << 20, memory_total_bytes=768 << 20)
 WATCHED = ["/tmp", "/var/tmp", "/dev/shm", "/root", "/etc", "/", str(CHECKOUT), str(CHECKOUT.parent), "/work"]
 
@@ -163,7 +165,8 @@ def _score(sandbox, task: str, code: str):
     return reward.score_detailed([prompt], [code], test=[tests], entry_point=[entry])[0]
 
 
-@pytest.mark.parametrize("task,code", [("add", ADD_SOLUTION), ("zero", ZERO_SOLUTION)])
+@pytest.mark.parametrize("task,code", [("add", ADD_SOLUTION), ("zero", ZERO_SOLUTION), ("iter", ADD_SOLUTION),
+                                       ("helper", ADD_SOLUTION)])
 def test_the_tasks_are_solvable(sandbox, task, code):
     """Positive control: the corpus's zeros mean something only if a real solution scores 1."""
     result = _score(sandbox, task, code)

@@ -262,3 +262,17 @@ def test_weak_isolation_when_allowed_still_judges_right(public_python):
         assert {r.isolation for r in results} == {"weak"}
         time.sleep(0.2)
         assert not [p for p in Path("/proc").glob("[0-9]*") if p.stat().st_uid in sb.uids()]
+
+
+@needs_root
+def test_no_kernel_keyring_to_outlive_the_job():
+    from reward.sandbox_launcher import _ARCH
+
+    if os.uname().machine not in _ARCH:
+        pytest.skip(f"no seccomp table for {os.uname().machine}")
+    add_key = _ARCH[os.uname().machine][1]["keys"][0]
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"print(libc.syscall({add_key}, b'user', b'posttrain-probe', b'x', 1, -4), ctypes.get_errno())\n")
+    with Sandbox(max_parallel=1) as sb:
+        run = sb.run({"k.py": code}, ["k.py"])
+    assert run.stdout.split() == ["-1", "1"], (run.stdout, run.stderr)  # EPERM from the filter

@@ -21,6 +21,7 @@ Log-probs are of the sampled distribution: logits / temperature, in the trainer 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,12 +33,14 @@ from data_recipes.r1_prompts import build_messages
 from posttrain.config import build
 from posttrain.engines import SamplingConfig
 from posttrain.engines.base import render_prompt
-from posttrain.io_utils import atomic_write_json
+from posttrain.io_utils import atomic_write_json, truncate_jsonl
 from posttrain.model import load_checkpoint
 from posttrain.model.args import ConfigError
 from posttrain.stages.sft import ModelSection, load_tokenizer
 from posttrain.train.config import TrainConfig
-from posttrain.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss, token_entropy
+from posttrain.rollout import Rollout, assign_advantages, score_rollouts
+from reward.calling import check_columns
+from posttrain.train.grpo_loss import GRPOLossConfig, grpo_loss, token_entropy
 from posttrain.train.loop import BatchPlan, MetricsLog, Trainer
 from posttrain.train.optim import build_scheduler
 
@@ -67,6 +70,7 @@ class GRPOSection:
     max_refills: int = 2               # extra prompt batches drawn per iteration at most
     mask_truncated: bool = True        # completions cut by max_new_tokens get no gradient
     aux_loss_alpha: float | None = None  # MoE sequence-wise balance loss weight (default: the checkpoint's)
+    log_rollouts: bool = True          # every sample with its rewards and advantage in rollouts.jsonl
 
 
 @dataclass
@@ -169,6 +173,10 @@ class GRPORun:
             train_prompts = loaded[0] if train_prompts is None else train_prompts
             eval_prompts = loaded[1] if eval_prompts is None else eval_prompts
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
+        try:  # a reward that needs a column the prompts lack fails here, not mid-run
+            check_columns(self.reward_fns, set().union(*(r.columns for r in self.train_prompts)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         # A sharded policy cannot generate on its own (every forward is collective, and rollouts
         # differ in length per process): the torch engine samples from a whole copy, refreshed
         # from the gathered weights like a vLLM engine.
@@ -263,7 +271,8 @@ class GRPORun:
         return loss, metrics
 
     # ------------------------------------------------------------- rollout
-    def _rollout(self, records: list[PromptRecord], seed: int) -> dict:
+    def _rollout(self, records: list[PromptRecord], seed: int) -> list[Rollout]:
+        """Sample `group_size` completions of each prompt, then score them (TRL's convention)."""
         g = self.cfg.grpo
         messages = [build_messages(r, self.cfg.prompts.system_prompt) for r in records]
         self.model.eval()
@@ -273,41 +282,34 @@ class GRPORun:
                                                                  temperature=g.temperature, top_p=g.top_p,
                                                                  seed=seed, logprobs=self.engine.name in VLLM_ENGINES))
         self.model.train()
-        prompt_ids = [render_prompt(self.tokenizer, m) for m in messages]
-        rows, texts, prompts_rep, cols = [], [], [], {}
-        for r, m, ids, samples in zip(records, messages, prompt_ids, outs):
-            for s in samples:
-                rows.append((ids, s.token_ids, s.finish_reason, s.logprobs))
-                texts.append(s.text)
-                prompts_rep.append(m)
-                for k, v in r.columns.items():
-                    cols.setdefault(k, []).append(v)
-        per_reward = {}
-        total = torch.zeros(len(texts), dtype=torch.float64)
-        for name, fn in self.reward_fns.items():
-            values = fn(prompts_rep, texts, **cols)
-            per_reward[name] = [0.0 if v is None else float(v) for v in values]
-            total += self.cfg.rewards[name] * torch.tensor(per_reward[name], dtype=torch.float64)
-        return {"rows": rows, "texts": texts, "rewards": total, "per_reward": per_reward}
+        rollouts = []
+        for r, m, samples in zip(records, messages, outs):
+            ids = render_prompt(self.tokenizer, m)
+            rollouts += [Rollout(r.id, m, ids, list(s.token_ids), s.text, s.finish_reason, s.logprobs,
+                                 columns=dict(r.columns), policy_version=self.trainer.step) for s in samples]
+        score_rollouts(rollouts, self.reward_fns, self.cfg.rewards)
+        return rollouts
 
-    def _collate(self, rows, adv, old_logp=None, ref_logp=None):
+    def _collate(self, rollouts: list[Rollout], old_logp=None, ref_logp=None):
         """Right-padded prompt + completion; completion_mask marks the positions whose next
         token is a completion token (what the loss is taken over)."""
-        T = max(len(p) + len(c) for p, c, _, _ in rows)
-        B = len(rows)
+        T = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+        B = len(rollouts)
         ids = torch.full((B, T), self.pad, dtype=torch.long)
         attn = torch.zeros((B, T), dtype=torch.long)
         cmask = torch.zeros((B, T - 1), dtype=torch.float32)
-        with_engine_logp = all(lp is not None for _, _, _, lp in rows)
+        with_engine_logp = all(r.engine_logprobs is not None for r in rollouts)
         rollout = torch.zeros((B, T - 1), dtype=torch.float32) if with_engine_logp else None
-        for i, (p, c, finish, lp) in enumerate(rows):
+        for i, r in enumerate(rollouts):
+            p, c = r.prompt_ids, r.completion_ids
             seq = list(p) + list(c)
             ids[i, :len(seq)] = torch.tensor(seq)
             attn[i, :len(seq)] = 1
-            if not (self.cfg.grpo.mask_truncated and finish == "length"):
+            if not (self.cfg.grpo.mask_truncated and r.finish_reason == "length"):
                 cmask[i, len(p) - 1:len(seq) - 1] = 1.0
             if rollout is not None and c:
-                rollout[i, len(p) - 1:len(seq) - 1] = torch.tensor(lp, dtype=torch.float32)
+                rollout[i, len(p) - 1:len(seq) - 1] = torch.tensor(r.engine_logprobs, dtype=torch.float32)
+        adv = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)
         batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": cmask, "advantages": adv}
         if rollout is not None:
             batch["rollout_logp"] = rollout
@@ -370,7 +372,7 @@ class GRPORun:
     def _dummy_batch(self) -> dict:
         """A batch that contributes exactly nothing: a rank with fewer micro-batches than the
         others runs these so every rank does the same number of backward passes (DDP)."""
-        b = self._collate([([self.pad], [self.pad], "stop", None)], torch.zeros(1))
+        b = self._collate([Rollout("", "", [self.pad], [self.pad], "", "stop")])
         b["completion_mask"].zero_()
         b["old_logp"] = torch.zeros_like(b["completion_mask"])
         if self.ref is not None:
@@ -379,63 +381,63 @@ class GRPORun:
         return b
 
     # ----------------------------------------------------------- iteration
-    def _generate_batch(self, plan: BatchPlan) -> tuple[list, torch.Tensor, dict]:
+    def _generate_batch(self, plan: BatchPlan) -> tuple[list[Rollout], list[Rollout], list[bool]]:
         """Rollouts for this rank's share of the prompt batch, refilled (on every rank alike,
-        so the data position stays in step) while any rank lacks informative groups."""
+        so the data position stays in step) while any rank lacks informative groups.
+        Returns (kept rollouts, every rollout sampled, per group: no signal)."""
         cfg, g, trainer = self.cfg, self.cfg.grpo, self.trainer
         rank = trainer.accelerator.process_index
         want = (g.prompts_per_step // self.world) * g.group_size
-        kept_rows, kept_adv = [], []
-        stats = {"rewards": [], "per_reward": {}, "zero": [], "lengths": []}
+        kept, sampled, zero = [], [], []
         for _ in range(1 + (g.max_refills if g.dynamic_sampling else 0)):
             records = [self.train_prompts[i] for i in plan.rows(trainer.micro)]
             trainer.micro += 1  # data position: prompt batches consumed
             # prompt j of the global batch gets seed base + j on whichever rank it lands, so a run's
             # samples do not depend on the number of processes
             per_rank = g.prompts_per_step // self.world
-            ro = self._rollout(records, seed=(cfg.train.seed * 1_000_003 + trainer.micro) * 65_536 + rank * per_rank)
-            adv, zero = group_advantages(ro["rewards"], g.group_size, g.advantage_scale)
-            stats["rewards"] += ro["rewards"].tolist()
-            for k, v in ro["per_reward"].items():
-                stats["per_reward"].setdefault(k, []).extend(v)
-            stats["zero"] += zero.tolist()
-            stats["lengths"] += [len(c) for _, c, _, _ in ro["rows"]]
-            keep = ~zero.repeat_interleave(g.group_size) if g.dynamic_sampling else torch.ones(len(adv), dtype=torch.bool)
-            kept_rows += [r for r, k in zip(ro["rows"], keep.tolist()) if k]
-            kept_adv.append(adv[keep])
-            if not g.dynamic_sampling or self._all_sum([float(len(kept_rows) < want)])[0] == 0:
+            rollouts = self._rollout(records, seed=(cfg.train.seed * 1_000_003 + trainer.micro) * 65_536
+                                     + rank * per_rank)
+            no_signal = assign_advantages(rollouts, g.group_size, g.advantage_scale)
+            sampled += rollouts
+            zero += no_signal
+            for k, flat in enumerate(no_signal):
+                if not (g.dynamic_sampling and flat):
+                    kept += rollouts[k * g.group_size:(k + 1) * g.group_size]
+            if not g.dynamic_sampling or self._all_sum([float(len(kept) < want)])[0] == 0:
                 break
-        return kept_rows, torch.cat(kept_adv).float(), stats
+        return kept, sampled, zero
 
-    def _row_from_stats(self, stats: dict, iteration: int) -> dict:
-        """Metrics over every rank's samples."""
-        merged = {"rewards": [], "per_reward": {}, "zero": [], "lengths": []}
-        for st in self._all_gather(stats):
-            merged["rewards"] += st["rewards"]
-            merged["zero"] += st["zero"]
-            merged["lengths"] += st["lengths"]
+    def _row_from_rollouts(self, sampled: list[Rollout], zero: list[bool], iteration: int) -> dict:
+        """Metrics over every rank's samples; a reward's mean is over the samples it applies to."""
+        mine = {"reward": [r.reward for r in sampled], "lengths": [len(r.completion_ids) for r in sampled],
+                "zero": zero, "per_reward": {k: [r.rewards[k] for r in sampled] for k in self.reward_fns}}
+        merged = {"reward": [], "lengths": [], "zero": [], "per_reward": {k: [] for k in self.reward_fns}}
+        for st in self._all_gather(mine):
+            for key in ("reward", "lengths", "zero"):
+                merged[key] += st[key]
             for k, v in st["per_reward"].items():
-                merged["per_reward"].setdefault(k, []).extend(v)
-        rewards = torch.tensor(merged["rewards"], dtype=torch.float64)
-        row = {"iteration": iteration, "reward_mean": float(rewards.mean()),
-               "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+                merged["per_reward"][k] += v
+        scored = torch.tensor([x for x in merged["reward"] if x is not None], dtype=torch.float64)
+        row = {"iteration": iteration,
+               "reward_mean": float(scored.mean()) if scored.numel() else float("nan"),
+               "reward_std": float(scored.std()) if scored.numel() > 1 else 0.0,
+               "unscored_frac": sum(x is None for x in merged["reward"]) / len(merged["reward"]),
                "zero_std_group_frac": sum(merged["zero"]) / len(merged["zero"]),
                "response_len_mean": sum(merged["lengths"]) / len(merged["lengths"])}
         for k, v in merged["per_reward"].items():
-            row[f"reward/{k}"] = sum(v) / len(v)
+            applied = [x for x in v if x is not None]
+            row[f"reward/{k}"] = sum(applied) / len(applied) if applied else float("nan")
         if "math" in merged["per_reward"]:
-            row["accuracy"] = sum(x == 1.0 for x in merged["per_reward"]["math"]) / len(merged["per_reward"]["math"])
+            applied = [x for x in merged["per_reward"]["math"] if x is not None]
+            row["accuracy"] = sum(x == 1.0 for x in applied) / len(applied) if applied else float("nan")
         return row
 
-    def _micro_batches(self, kept_rows, adv, row, n_micro: int) -> list[dict]:
+    def _micro_batches(self, kept: list[Rollout], row, n_micro: int) -> list[dict]:
         """This process's micro-batches, padded with contribution-free ones to `n_micro` (the
         most any process has): every process then runs the same number of forwards and
         backwards, which DDP's and FSDP's collectives and the expert all-to-all require."""
         g = self.cfg.grpo
-        micro = []
-        for s in range(0, len(kept_rows), g.micro_batch_size):
-            b = self._collate(kept_rows[s:s + g.micro_batch_size], adv[s:s + g.micro_batch_size])
-            micro.append(b)
+        micro = [self._collate(kept[s:s + g.micro_batch_size]) for s in range(0, len(kept), g.micro_batch_size)]
         micro += [self._dummy_batch() for _ in range(n_micro - len(micro))]
         for b in micro:
             logp = self._logprobs(self.model, b)  # dummies too: a sharded forward is collective
@@ -451,15 +453,15 @@ class GRPORun:
                 b["ref_logp"] = self._logprobs(self.ref, b)
         return micro
 
-    def _train_on(self, kept_rows, adv, row) -> None:
+    def _train_on(self, kept: list[Rollout], row) -> None:
         g, trainer = self.cfg.grpo, self.trainer
-        n_local = -(-len(kept_rows) // g.micro_batch_size)
-        sequences = self._all_sum([float(len(kept_rows))])[0]
+        n_local = -(-len(kept) // g.micro_batch_size)
+        sequences = self._all_sum([float(len(kept))])[0]
         row["sequences"] = int(sequences)
         if sequences == 0:  # every group on every rank was uninformative: the steps still count
             trainer.step += g.updates_per_batch
             return
-        micro = self._micro_batches(kept_rows, adv, row, max(self._all_gather(n_local)))
+        micro = self._micro_batches(kept, row, max(self._all_gather(n_local)))
         local_tokens = float(sum(b["completion_mask"].sum() for b in micro))
         tokens = self._all_sum([local_tokens])[0]
         for b in micro:
@@ -488,6 +490,8 @@ class GRPORun:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(out, cfg.train, trainer.step, main, asdict(cfg))
+        rollout_log = _RolloutLog(out / "rollouts.jsonl", trainer.step // g.updates_per_batch, g.log_rollouts,
+                                  main, self._all_gather)
         plan = BatchPlan(len(self.train_prompts), g.prompts_per_step // self.world, cfg.train.seed, self.world,
                          trainer.accelerator.process_index)
         t0 = time.perf_counter()
@@ -498,13 +502,14 @@ class GRPORun:
             while trainer.step < total_steps:
                 iteration = trainer.step // g.updates_per_batch
                 t_roll = time.perf_counter()
-                kept_rows, adv, stats = self._generate_batch(plan)
+                kept, sampled, zero = self._generate_batch(plan)
                 self._engine_rest()
                 sync_s, self.sync_s = self.sync_s, 0.0
-                row = self._row_from_stats(stats, iteration)
+                row = self._row_from_rollouts(sampled, zero, iteration)
+                rollout_log.log(iteration, sampled)
                 row.update(rollout_s=time.perf_counter() - t_roll - sync_s, weight_sync_s=sync_s)
                 t_train = time.perf_counter()
-                self._train_on(kept_rows, adv, row)
+                self._train_on(kept, row)
                 row["train_s"] = time.perf_counter() - t_train
                 row["lr"] = trainer.scheduler.get_last_lr()[0]
                 if cfg.eval_every and (iteration + 1) % cfg.eval_every == 0 and trainer.step < total_steps:
@@ -531,9 +536,26 @@ class GRPORun:
         return summary
 
 
-def _read_metrics(out: Path) -> list[dict]:
-    import json
+class _RolloutLog:
+    """rollouts.jsonl: every sample of every iteration (all processes'), with its completion,
+    token ids, finish reason, per-reward scores, reward and advantage."""
 
+    def __init__(self, path: Path, resume_iteration: int, enabled: bool, writer: bool, gather):
+        self.path, self.enabled, self.writer, self.gather = path, enabled, writer, gather
+        if enabled and writer:
+            truncate_jsonl(path, lambda row: row.get("iteration", 0) < resume_iteration)
+
+    def log(self, iteration: int, rollouts: list[Rollout]) -> None:
+        if not self.enabled:
+            return
+        gathered = self.gather([r.log_row(iteration) for r in rollouts])  # every process takes part
+        if self.writer:
+            with open(self.path, "a") as f:
+                for part in gathered:
+                    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in part)
+
+
+def _read_metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 

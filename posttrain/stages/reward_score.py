@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from posttrain.io_utils import atomic_write_json, read_jsonl
+from reward.calling import call_reward
 
 
 def _read_records(path: Path, mapping: dict[str, str]):
@@ -60,11 +61,11 @@ def score_file(reward_name: str, data: Path, out: Path, mapping: dict[str, str] 
             prompts = [r.get("prompt") for r in batch]
             completions = [r["completion"] for r in batch]
             if explain is not None:
-                pairs = explain(prompts, completions, **columns)
+                pairs = explain(prompts=prompts, completions=completions, **columns)
                 scores += [s for s, _ in pairs]
                 reasons += [r for _, r in pairs]
-            else:
-                scores += fn(prompts, completions, **columns)
+            else:  # by keyword, as TRL calls rewards; a `completion_ids` field is passed as such
+                scores += call_reward(fn, prompts, completions, name=reward_name, **columns)
                 reasons += [None] * len(batch)
             bar.update(len(batch))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

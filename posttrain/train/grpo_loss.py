@@ -52,28 +52,36 @@ class GRPOLossConfig:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
-                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages [N], zero_std [N // group_size]) for rewards laid out group after group.
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [N], zero_std [N // group_size]) for rewards laid out group after group, as
+    TRL computes them: A = (r - group mean) / (std + eps), std with Bessel's correction.
 
-    scale "group": divide by the group's std (GRPO); "batch": by the batch's std; "none":
-    mean-centred only (Dr. GRPO). A group whose rewards are all equal has zero advantages
-    whatever the scale (`zero_std` marks them; dynamic sampling drops them)."""
+    A NaN reward marks a sample no reward applied to: it is left out of its group's mean and
+    std and gets advantage 0 (TRL's treatment of a completion whose every reward is None).
+    scale "group": divide by the group's std (GRPO); "batch": by the std of the whole batch;
+    "none": mean-centred only (Dr. GRPO). A group of equal rewards, or with fewer than two
+    scored samples, has zero advantages; `zero_std` marks it (dynamic sampling drops it)."""
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not form groups of {group_size}")
     r = rewards.double().view(-1, group_size)
-    centred = r - r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-    zero_std = std.squeeze(1) <= eps
+    valid = ~torch.isnan(r)
+    n = valid.sum(dim=1, keepdim=True)
+    mean = torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(valid, r - mean, 0.0)
+    std = (centred.square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    zero_std = (n.squeeze(1) < 2) | (std.squeeze(1) == 0)
     if scale == "group":
         adv = centred / (std + eps)
     elif scale == "batch":
-        adv = centred / (rewards.double().std(unbiased=True) + eps)
+        all_valid = r[valid]
+        bstd = all_valid.std(unbiased=True) if all_valid.numel() > 1 else torch.zeros((), dtype=r.dtype)
+        adv = centred / (bstd + eps)
     else:
         adv = centred
-    adv = torch.where(zero_std[:, None], torch.zeros_like(adv), adv)
-    return adv.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32), zero_std
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    return adv.reshape(-1).to(out_dtype), zero_std
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

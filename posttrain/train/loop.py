@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from posttrain.io_utils import truncate_jsonl
 from posttrain.model.moe import RoutingSegments, routing_segments_of, update_router_bias
 
 from .config import TrainConfig
@@ -122,9 +123,8 @@ class MetricsLog:
         self.tb = self.wandb = None
         if not is_main:
             return
-        if self.path.exists():  # steps after the checkpoint we resume from will be logged again
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+        # steps after the checkpoint we resume from will be logged again
+        truncate_jsonl(self.path, lambda row: row.get("step", 0) <= resume_step)
         self.file = open(self.path, "a") if "jsonl" in cfg.report_to else None
         if "tensorboard" in cfg.report_to:
             try:
