@@ -102,7 +102,7 @@ def _cmd_distill_generate(ns: argparse.Namespace) -> int:
     system = R1_SYSTEM_PROMPT if ns.system_prompt is None else (
         Path(ns.system_prompt[1:]).read_text() if ns.system_prompt.startswith("@") else ns.system_prompt) or None
     engine = make_engine(ns.engine, ns.model, ns.base_url, ns.api_key_env, ns.concurrency, ns.rps, ns.dtype,
-                         ns.max_model_len, ns.latency)
+                         ns.max_model_len, ns.latency, ns.tokenizer)
     sampling = SamplingConfig(n=ns.n, max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
                               seed=ns.seed)
     summary = generate(prompts, engine, sampling, Path(ns.out), system, ns.chunk_size, rejects)
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="checkpoint directory (torch, vllm) or served model name (openai)")
     gen.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000")
     gen.add_argument("--api-key-env", help="environment variable that holds the API key")
+    gen.add_argument("--tokenizer", help="openai: the served model's tokenizer (a directory or hub name), for the "
+                                         "completions' token ids when the server returns none")
     gen.add_argument("--concurrency", type=int, default=8)
     gen.add_argument("--rps", type=float, help="request rate limit (per second)")
     gen.add_argument("--dtype", default="float32")

@@ -113,6 +113,11 @@ class CodeReward:
                 "accept the risk with the reward option allow_weak_isolation=true.")
         return self._sandbox
 
+    @property
+    def isolation(self) -> str:
+        """The sandbox's isolation level ("full" or "weak"), recorded beside every score."""
+        return self.sandbox.isolation
+
     def __call__(self, prompts=None, completions=None, **columns) -> list[float | None]:
         return [r.score for r in self.score_detailed(prompts, completions, **columns)]
 

@@ -35,7 +35,7 @@ class Scripted:
         choices = []
         for i in range(n):
             text = f"answer to {prompt} seed {body['seed']} choice {i}"
-            choice = {"index": i, "finish_reason": "stop"}
+            choice = {"index": i, "finish_reason": "stop", "token_ids": list(text.encode())[:20]}  # as vLLM returns them
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             choices.append(choice)
         return 200, {"id": f"r{call}", "choices": choices}
@@ -153,3 +153,19 @@ def test_generate_stage_rejects_only_the_prompts_a_server_refuses(serve, tmp_pat
     assert {r["prompt_id"] for r in iter_generated(tmp_path)} == {"p0", "p1", "p2", "p4", "p5"}
     errors = (tmp_path / "shards" / "errors-00000.jsonl").read_text()
     assert '"p3"' in errors and "HTTP 400" in errors
+
+
+def test_completion_token_ids_come_from_the_server_or_the_tokenizer_or_a_clear_error(serve):
+    from posttrain.embedded import build_tokenizer
+
+    out = OpenAIEngine(serve(Scripted()), "m").generate(["two"], SamplingConfig())
+    assert out[0][0].token_ids == list(out[0][0].text.encode())[:20]
+
+    def no_ids(path, body):
+        return 200, {"choices": [{"index": 0, "finish_reason": "stop", "text": "four"}]}
+
+    tok = build_tokenizer()
+    out = OpenAIEngine(serve(no_ids), "m", tokenizer=tok).generate(["two"], SamplingConfig())
+    assert out[0][0].token_ids == tok("four", add_special_tokens=False)["input_ids"]
+    with pytest.raises(EngineRequestError, match="no token ids"):
+        OpenAIEngine(serve(no_ids), "m").generate(["two"], SamplingConfig())

@@ -12,7 +12,7 @@ ENGINES = ("torch", "vllm", "openai", "scripted")
 
 def make_engine(kind: str, model: str | None = None, base_url: str | None = None, api_key_env: str | None = None,
                 concurrency: int = 8, requests_per_s: float | None = None, dtype: str = "float32",
-                max_model_len: int | None = None, latency_s: float = 0.0) -> Engine:
+                max_model_len: int | None = None, latency_s: float = 0.0, tokenizer: str | None = None) -> Engine:
     """Build an engine by name, with a clear error for a missing argument."""
     if kind == "scripted":
         from posttrain.embedded import build_tokenizer
@@ -37,7 +37,13 @@ def make_engine(kind: str, model: str | None = None, base_url: str | None = None
         from .openai_engine import OpenAIEngine
 
         key = os.environ.get(api_key_env) if api_key_env else None
-        return OpenAIEngine(base_url, model, api_key=key, concurrency=concurrency, requests_per_s=requests_per_s)
+        tok = None
+        if tokenizer:  # the served model's, for the completions' token ids where the server gives none
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        return OpenAIEngine(base_url, model, api_key=key, concurrency=concurrency, requests_per_s=requests_per_s,
+                            tokenizer=tok)
     raise ValueError(f"unknown engine {kind!r}; one of {', '.join(ENGINES)}")
 
 

@@ -67,7 +67,7 @@ class OpenAIEngine(Engine):
             self.base_url += "/v1"
         self.model, self.api_key = model, api_key
         self.concurrency, self.max_retries, self.backoff_s, self.timeout_s = concurrency, max_retries, backoff_s, timeout_s
-        self.tokenizer = tokenizer  # optional: token ids of the returned text
+        self.tokenizer = tokenizer  # token ids of the returned text, where the server gives none
         self.extra_body = extra_body or {}
         self._limiter = _RateLimiter(requests_per_s)
         self.stats = {"requests": 0, "retries": 0}
@@ -135,8 +135,15 @@ class OpenAIEngine(Engine):
                 logprobs = [t.get("logprob") for t in lp["content"]]
             elif lp.get("token_logprobs") is not None:
                 logprobs = lp["token_logprobs"]
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if self.tokenizer else []
-        return Sample(text, ids, finish, logprobs)
+        ids = choice.get("token_ids")  # vLLM's servers return them when asked (extra_body return_token_ids)
+        if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+            if self.tokenizer is None:
+                raise EngineRequestError(
+                    "the server returned no token ids and this engine has no tokenizer, so the completions' "
+                    "token ids (their lengths, for filters and length rewards) are unknown: pass the served "
+                    "model's tokenizer (--tokenizer), or ask a vLLM server for them (return_token_ids)")
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return Sample(text, list(ids), finish, logprobs)
 
     def _one_prompt(self, prompt: Prompt, sampling: SamplingConfig, seed: int) -> list[Sample]:
         samples: list[Sample] = []

@@ -68,12 +68,15 @@ def score_file(reward_name: str, data: Path, out: Path, mapping: dict[str, str] 
                 scores += call_reward(fn, prompts, completions, name=reward_name, **columns)
                 reasons += [None] * len(batch)
             bar.update(len(batch))
+    isolation = getattr(fn, "isolation", None)  # code: the sandbox's level, with every score
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         for (_, rec), s, why in zip(records, scores, reasons):
             rec = dict(rec, reward=s)
             if why is not None:
                 rec["reward_reason"] = why
+            if isolation is not None:
+                rec["reward_isolation"] = isolation
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     rejects_path = out.with_name(out.name + ".rejects.jsonl")
@@ -90,6 +93,8 @@ def score_file(reward_name: str, data: Path, out: Path, mapping: dict[str, str] 
         "full_score": sum(s == 1.0 for s in valid), "zero_score": sum(s == 0.0 for s in valid),
         "failure_reasons": dict(failures.most_common(20)),
     }
+    if isolation is not None:
+        summary["isolation"] = isolation
     if rejects:
         summary["rejects_file"] = str(rejects_path)
     atomic_write_json(out.with_name(out.name + ".summary.json"), summary)
