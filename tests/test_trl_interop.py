@@ -15,12 +15,9 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func (used to replay completions) is experimental
-trl = pytest.importorskip("trl")
-
-from posttrain.embedded import build_tokenizer  # noqa: E402
-from posttrain.model import ModelArgs, Transformer, save_checkpoint  # noqa: E402
-from posttrain.paths import model_config  # noqa: E402
+from posttrain.embedded import build_tokenizer
+from posttrain.model import ModelArgs, Transformer, save_checkpoint
+from posttrain.paths import model_config
 
 FACTORY_OPTIONS = {"get_cosine_scaled_reward": {"max_len": 12},
                    "get_soft_overlong_punishment": {"max_completion_len": 12, "soft_punish_cache": 4}}
@@ -28,7 +25,11 @@ FACTORY_OPTIONS = {"get_cosine_scaled_reward": {"max_len": 12},
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny DeepSeek-V3 (posttrain's HF checkpoint, which transformers and TRL load) and its tokenizer."""
+    """A tiny DeepSeek-V3 (posttrain's HF checkpoint, which transformers and TRL load) and its
+    tokenizer. TRL is imported here, not when the module is collected: it imports vLLM, which
+    changes Triton's state for every test that runs after it."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func (replaying completions) is experimental
+    pytest.importorskip("trl")
     cfg = json.loads(model_config("tiny").read_text())
     cfg.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
                n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32,
