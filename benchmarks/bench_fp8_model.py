@@ -38,6 +38,7 @@ from posttrain.model import ModelArgs, Transformer  # noqa: E402
 from posttrain.model.counting import count_parameters, training_flops_per_token  # noqa: E402
 from posttrain.model.fp8_training import enable_fp8_training  # noqa: E402
 from posttrain.model.kernels import grouped  # noqa: E402
+from posttrain.model.kernels.selection import selected  # noqa: E402
 from posttrain.model.moe import MoE  # noqa: E402
 
 PEAK_BF16 = 989e12
@@ -83,11 +84,8 @@ def set_experts_impl(cfg, impl):
 def triton_grouped(fn):
     """fn with the grouped FP8 GEMMs on the Triton kernel instead of the Gluon one."""
     def run(*args, **kwargs):
-        grouped.USE_WGMMA = False
-        try:
+        with selected(grouped_fp8="triton"):
             return fn(*args, **kwargs)
-        finally:
-            grouped.USE_WGMMA = True
     return run
 
 

@@ -21,6 +21,8 @@ from reward.math_answer import extract_answer
 from reward.shaping import _SCRIPT_OF_LANGUAGE, script_share
 from reward.text import split_think
 
+from posttrain.config import setting
+
 from .decontaminate import Decontaminator
 from .dedup import exact_key, near_duplicates
 
@@ -34,21 +36,26 @@ class FilterConfig:
     require_stop: bool = True             # drop samples cut by the token limit
     require_think: bool = True            # a closed <think>...</think> block
     require_answer: bool = True           # a final answer (math) / a code block (code)
-    min_chars: int = 1
-    max_chars: int | None = None
-    max_tokens: int | None = None
-    max_repetition: float = 0.3           # share of repeated word 4-grams allowed
-    language: str = "en"
-    min_language_share: float = 0.95      # share of reasoning words in the language's script
-    min_reflections: int = 0
+    min_chars: int = setting(1, ge=0)
+    max_chars: int | None = setting(None, ge=1)
+    max_tokens: int | None = setting(None, ge=1)
+    max_repetition: float = setting(0.3, ge=0, le=1)   # share of repeated word 4-grams allowed
+    language: str = setting("en", choices=tuple(sorted(_SCRIPT_OF_LANGUAGE)))
+    min_language_share: float = setting(0.95, ge=0, le=1)  # share of reasoning words in the language's script
+    min_reflections: int = setting(0, ge=0)
     verify: bool = True
-    min_pass_rate: float = 0.0
-    max_pass_rate: float = 1.0
-    keep_per_prompt: int | None = None    # best-k correct per prompt (rejection sampling)
+    min_pass_rate: float = setting(0.0, ge=0, le=1)
+    max_pass_rate: float = setting(1.0, ge=0, le=1)
+    keep_per_prompt: int | None = setting(None, ge=1)  # best-k correct per prompt (rejection sampling)
     dedup: bool = True
-    near_dup_threshold: float | None = 0.9
+    near_dup_threshold: float | None = setting(0.9, gt=0, le=1)
     decontaminate: list[str] = field(default_factory=list)  # benchmark recipes or jsonl files
-    ngram: int = 13
+    ngram: int = setting(13, ge=1)
+    allow_weak_isolation: bool = False    # code: judge in a weakly isolated sandbox (reward/sandbox.py)
+
+    def __post_init__(self):
+        if self.min_pass_rate > self.max_pass_rate:
+            raise ValueError(f"min_pass_rate={self.min_pass_rate} is above max_pass_rate={self.max_pass_rate}")
 
 
 def reflection_count(text: str) -> int:
@@ -93,7 +100,7 @@ def _sample_reason(rec: dict, cfg: FilterConfig) -> str | None:
     return None
 
 
-def _verify(records: list[dict]) -> list[tuple[float | None, str]]:
+def _verify(records: list[dict], allow_weak_isolation: bool = False) -> list[tuple[float | None, str]]:
     """(score, reason) per record, with the reward that fits its task; None = no verifier."""
     import reward
 
@@ -104,7 +111,9 @@ def _verify(records: list[dict]) -> list[tuple[float | None, str]]:
             continue
         batch = [records[i] for i in idx]
         columns = {k: [r.get(k) for r in batch] for k in ("answer", "test", "entry_point", "code_prompt")}
-        explained = reward.get(name).explain(prompts=None, completions=[r["completion"] for r in batch], **columns)
+        options = {"allow_weak_isolation": True} if task == "code" and allow_weak_isolation else {}
+        explained = reward.get(name, **options).explain(prompts=None, completions=[r["completion"] for r in batch],
+                                                        **columns)
         for i, pair in zip(idx, explained):
             out[i] = pair
     return out
@@ -119,7 +128,7 @@ def filter_records(records: list[dict], cfg: FilterConfig) -> tuple[list[dict], 
     def reject(rec: dict, why: str) -> None:
         rejects.append({**rec, "reject_reason": why})
 
-    verdicts = _verify(records) if cfg.verify else [(None, "not verified")] * len(records)
+    verdicts = _verify(records, cfg.allow_weak_isolation) if cfg.verify else [(None, "not verified")] * len(records)
     by_prompt: dict[str, list[float]] = defaultdict(list)
     for rec, (score, _) in zip(records, verdicts):
         if score is not None:

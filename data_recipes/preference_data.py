@@ -16,6 +16,7 @@ the length limit are truncated or dropped by choice and counted either way.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -112,6 +113,8 @@ def to_pair(rec: dict, fields: PairFields, default_id: str) -> PreferencePair:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise PairError(f"field {fields.margin!r} must be a number")
         margin = float(margin)
+        if not math.isfinite(margin):
+            raise PairError(f"field {fields.margin!r} must be a finite number, got {margin}")
     subset = rec.get(fields.subset) if fields.subset else None
     rid = rec.get(fields.id) if fields.id else None
     return PreferencePair(str(rid) if rid is not None else default_id, prompt, chosen, rejected, margin,
@@ -174,8 +177,12 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, over
     counts = Counter()
     bos = getattr(tokenizer, "bos_token_id", None)
     for pair in pairs:
-        c = _ids(tokenizer, pair.prompt + pair.chosen)
-        r = _ids(tokenizer, pair.prompt + pair.rejected)
+        try:
+            c = _ids(tokenizer, pair.prompt + pair.chosen)
+            r = _ids(tokenizer, pair.prompt + pair.rejected)
+        except Exception as e:  # noqa: BLE001 - a pair the template or tokenizer refuses: skip it, say why
+            skipped.append({"id": pair.id, "reason": f"cannot be tokenized: {type(e).__name__}: {str(e)[:200]}"})
+            continue
         truncated = False
         if len(c) > max_length or len(r) > max_length:
             counts["overlong"] += 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.config import setting
 from posttrain.io_utils import read_jsonl
 from reward.math_answer import gsm8k_gold
 
@@ -44,7 +45,7 @@ class FieldMap:
     problem: str = "problem"
     id: str | None = None
     answer: str | None = None
-    answer_format: str = "plain"
+    answer_format: str = setting("plain", choices=("plain", "gsm8k"))
     reference: str | None = None
     test: str | None = None
     entry_point: str | None = None
@@ -133,6 +134,17 @@ def _convert(n: int, rec: dict, fields: FieldMap, source_name: str) -> tuple[Pro
     return PromptRecord(rid, problem, task, cols), None
 
 
+GOLD_LIKE = ("answer", "solution", "gold", "final_answer", "ground_truth", "label", "target", "expected_output")
+
+
+def unmapped_gold_fields(records: list[PromptRecord]) -> list[str]:
+    """Fields that look like gold answers but reached no verifier: the records have no task
+    (nothing mapped to `answer`, `test` or `task`) yet carry one of these columns. A stage
+    reports them at start, since its verifiers will not check those answers."""
+    loose = [r for r in records if r.task is None]
+    return [k for k in GOLD_LIKE if any(k in r.columns for r in loose)]
+
+
 def synthetic_prompts(n: int, seed: int = 0, **level) -> list[PromptRecord]:
     """Prompts of the embedded arithmetic task; `level` is make_problems' min_ops / max_ops /
     max_operand (the demo's SFT level is easier than the default)."""
@@ -140,6 +152,13 @@ def synthetic_prompts(n: int, seed: int = 0, **level) -> list[PromptRecord]:
 
     return [PromptRecord(p.id, p.question, "math", {"answer": p.answer, "reference": "\n".join(p.steps)})
             for p in make_problems(n, seed=seed, **level)]
+
+
+def source_path(source: str) -> Path | None:
+    """The local file or directory a prompt source reads, if it reads one."""
+    if source in RECIPES:
+        return shared_data_dir() / RECIPES[source][0]
+    return Path(source) if source != "synthetic" and not source.startswith("hf:") else None
 
 
 def load_prompts(source: str, fields: FieldMap | None = None, limit: int | None = None,

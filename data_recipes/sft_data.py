@@ -22,11 +22,16 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from posttrain.config import setting
+from posttrain.errors import DataError
+from posttrain.io_utils import read_jsonl
 
 IGNORE_INDEX = -100
 
@@ -34,7 +39,7 @@ IGNORE_INDEX = -100
 @dataclass
 class SourceSpec:
     path: str
-    weight: float = 1.0
+    weight: float = setting(1.0, ge=0)
     name: str | None = None
 
 
@@ -195,6 +200,71 @@ def tokenize_row(tokenizer, row: dict) -> dict:
     return {"input_ids": ids, "loss_mask": mask}
 
 
+# --------------------------------------------------------------------------- row checks
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _chat_problem(messages, what: str) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"`{what}` must be a non-empty list of messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"`{what}[{i}]` must be an object with role and content"
+        if m.get("role") not in ROLES:
+            return f"`{what}[{i}].role` must be one of {', '.join(ROLES)}, got {str(m.get('role'))[:40]!r}"
+        if not isinstance(m.get("content"), str):
+            return f"`{what}[{i}].content` must be text, got {type(m.get('content')).__name__}"
+    return None
+
+
+def row_problem(row: dict) -> str | None:
+    """Why a row cannot be trained on, in words; None if it can."""
+    if row.get("messages") is not None:
+        why = _chat_problem(row["messages"], "messages")
+        if why:
+            return why
+        if not any(m["role"] == "assistant" and m["content"] for m in row["messages"]):
+            return "no assistant turn with text: nothing to train on"
+        return None
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if prompt is None or completion is None:
+        return "a row needs `messages`, or `prompt` and `completion`"
+    if not isinstance(prompt, str):
+        why = _chat_problem(prompt, "prompt")
+        if why:
+            return why
+    if not isinstance(completion, str):
+        why = _chat_problem(completion, "completion")
+        if why:
+            return why
+    return None
+
+
+def system_prompt_of(row: dict) -> str:
+    """The row's system prompt ("" without one), for the provenance a checkpoint keeps."""
+    chat = row.get("messages") if row.get("messages") is not None else row.get("prompt")
+    if isinstance(chat, list) and chat and isinstance(chat[0], dict) and chat[0].get("role") == "system":
+        return str(chat[0].get("content") or "")
+    return ""
+
+
+def tokenize_checked(tokenizer, rows: list[dict]) -> list[dict | str]:
+    """tokenize_rows, with each row that cannot be used as its reason (a string) instead."""
+    problems = [row_problem(r) for r in rows]
+    good = [i for i, p in enumerate(problems) if p is None]
+    out: list[dict | str] = [p for p in problems]
+    try:
+        for i, enc in zip(good, tokenize_rows(tokenizer, [rows[i] for i in good])):
+            out[i] = enc
+    except Exception:  # noqa: BLE001 - one row the template or tokenizer refuses: find it, keep the rest
+        for i in good:
+            try:
+                out[i] = tokenize_row(tokenizer, rows[i])
+            except Exception as e:  # noqa: BLE001 - the reason goes to the rejects file
+                out[i] = f"cannot be tokenized: {type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
 # --------------------------------------------------------------------------- packing
 def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Best-fit decreasing: longest first, each into the fullest row it still fits.
@@ -281,24 +351,68 @@ def write_packed(tokenized, bins: list[list[int]], path: Path, rows_per_chunk: i
 
 
 # --------------------------------------------------------------------------- sources
+KEEP_COLUMNS = ("messages", "prompt", "completion")
+
+
 def _load(spec: SourceSpec, cache_dir: str):
+    """(dataset, rejects): a file whose lines Arrow cannot read as one table (a malformed line,
+    a field whose type changes between rows) is read line by line instead, each usable row kept
+    as JSON text and every other line sent to the rejects with its reason."""
     import datasets
 
     path = Path(spec.path)
+    if not path.exists():
+        raise FileNotFoundError(f"SFT source {spec.path}: no such file or directory")
     if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"SFT source {spec.path}: a directory, but not a saved HF dataset") from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"]
-        return ds
+        return ds, []
     if path.suffix == ".parquet":
-        return datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
+        try:
+            return datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir), []
+        except Exception as e:  # noqa: BLE001 - a corrupt file: one line naming it
+            raise DataError(f"SFT source {spec.path}: not a readable parquet file ({type(e).__name__})") from None
     if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
-        return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+        try:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+            if any(c in ds.column_names for c in KEEP_COLUMNS):
+                return ds, []
+        except Exception:  # noqa: BLE001 - read it line by line below, with a reason per bad line
+            pass
+        return _load_lines(path, spec.name or path.name)
     raise FileNotFoundError(f"SFT source {spec.path}: expected .jsonl, .parquet or a saved HF dataset directory")
 
 
+def _as_row_json(batch: dict) -> dict:
+    n = len(next(iter(batch.values())))
+    return {"row_json": [json.dumps({k: v[i] for k, v in batch.items() if v[i] is not None}, ensure_ascii=False)
+                         for i in range(n)]}
+
+
+def _load_lines(path: Path, name: str):
+    import datasets
+
+    rows, rejects = [], []
+    for n, rec, why, raw in read_jsonl(path, raw=True):
+        if rec is not None:
+            why = row_problem(rec)
+        if why:
+            rejects.append({"source": name, "line": n, "reason": why, "text": raw})
+            continue
+        rows.append({"row_json": json.dumps({k: rec[k] for k in KEEP_COLUMNS if k in rec}, ensure_ascii=False)})
+    ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"row_json": []})
+    return ds, rejects
+
+
+PREPARE_VERSION = 2  # what prepare() writes; a change here makes older caches unused
+
+
 def _fingerprint(cfg: SFTDataConfig, tokenizer) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"prepare v{PREPARE_VERSION}".encode())
     for s in cfg.sources:
         p = Path(s.path)
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
@@ -343,30 +457,43 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
     # range of the memory-mapped files); the mixture is an index array into the tokenized rows,
     # with a row repeated as often as its weight asks.
     parts, per_source, picks, offset = [], {}, [], 0
+    read_rejects, origin = [], []        # origin: (source name, row in source) of each tokenized row
     rng = np.random.default_rng(cfg.seed)
     for spec in cfg.sources:
-        ds = _load(spec, cfg.cache_dir)
+        ds, bad = _load(spec, cfg.cache_dir)
+        name = spec.name or Path(spec.path).name
+        read_rejects += bad
         n = int(round(spec.weight * len(ds)))
         idx = np.concatenate([rng.permutation(len(ds)) for _ in range(max(1, -(-n // max(len(ds), 1))))])[:n]
         unique, counts = np.unique(idx, return_counts=True)
         parts.append(ds.select(unique) if len(unique) < len(ds) else ds)
+        origin += [(name, int(i)) for i in unique]
         picks.append(offset + np.repeat(np.arange(len(unique)), counts))
         offset += len(unique)
-        per_source[spec.name or Path(spec.path).name] = {"rows": len(ds), "taken": n, "weight": spec.weight}
-    keep_cols = ("messages", "prompt", "completion")
+        per_source[name] = {"rows": len(ds), "taken": n, "weight": spec.weight, "unreadable": len(bad)}
+    keep_cols = KEEP_COLUMNS + ("row_json",)
 
-    def norm(ds):
-        return ds.remove_columns([c for c in ds.column_names if c not in keep_cols])
+    parts = [p.remove_columns([c for c in p.column_names if c not in keep_cols]) for p in parts]
+    if any(p.features != parts[0].features for p in parts):  # sources in other schemas: rows as JSON text
+        parts = [p if "row_json" in p.column_names else
+                 p.map(_as_row_json, batched=True, remove_columns=p.column_names, desc="rows") for p in parts]
 
-    mixture = datasets.concatenate_datasets([norm(p) for p in parts])
+    mixture = datasets.concatenate_datasets(parts)
     samples = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
     max_len, truncate = cfg.max_length, cfg.overlong == "truncate"
 
     def tok(batch):
-        out = {"input_ids": [], "loss_mask": [], "length": [], "overlong": [], "loss_tokens": []}
-        rows = [dict(zip(batch.keys(), vals)) for vals in zip(*batch.values())]
-        for enc in tokenize_rows(tokenizer, rows):
-            ids, mask = enc["input_ids"], enc["loss_mask"]
+        out = {"input_ids": [], "loss_mask": [], "length": [], "overlong": [], "loss_tokens": [], "reject": [],
+               "system": []}
+        if "row_json" in batch:
+            rows = [json.loads(r) for r in batch["row_json"]]
+        else:
+            rows = [dict(zip(batch.keys(), vals)) for vals in zip(*batch.values())]
+        for row, enc in zip(rows, tokenize_checked(tokenizer, rows)):
+            if isinstance(enc, str):  # the reason this row cannot be used
+                ids, mask, reject = [], [], enc
+            else:
+                ids, mask, reject = enc["input_ids"], enc["loss_mask"], ""
             over = len(ids) > max_len
             if over and truncate:
                 ids, mask = ids[:max_len], mask[:max_len]
@@ -375,26 +502,37 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
             out["length"].append(len(ids))
             out["overlong"].append(over)
             out["loss_tokens"].append(int(sum(mask[1:])))
+            out["reject"].append(reject)
+            out["system"].append(system_prompt_of(row) if not reject else "")
         return out
 
     # narrow types: at 1.5M samples, int64 token lists would be several GB of memory-mapped pages
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "loss_mask": datasets.Sequence(datasets.Value("int8")),
                                   "length": datasets.Value("int32"), "overlong": datasets.Value("bool"),
-                                  "loss_tokens": datasets.Value("int32")})
+                                  "loss_tokens": datasets.Value("int32"), "reject": datasets.Value("string"),
+                                  "system": datasets.Value("string")})
     tokenized = mixture.map(tok, batched=True, batch_size=256, num_proc=cfg.num_proc if len(mixture) > 2000 else None,
                             remove_columns=mixture.column_names, features=features, desc="tokenize")
     row_len = np.asarray(tokenized["length"])
     row_over = np.asarray(tokenized["overlong"])
-    row_keep = row_len <= max_len if not truncate else np.ones(len(tokenized), dtype=bool)
+    reasons = tokenized["reject"]
+    row_ok = np.asarray([not r for r in reasons], dtype=bool)
+    row_keep = (row_len <= max_len if not truncate else np.ones(len(tokenized), dtype=bool)) & row_ok
     row_loss_ok = np.asarray(tokenized["loss_tokens"]) >= cfg.min_loss_tokens
     # counts are per sample of the mixture (a repeated row counts each time it is used)
-    overlong = int(row_over[samples].sum())
+    overlong = int((row_over & row_ok)[samples].sum())
     no_loss = int((row_keep & ~row_loss_ok)[samples].sum())
     kept = samples[(row_keep & row_loss_ok)[samples]]
+    rejects = read_rejects + [{"source": origin[i][0], "row": origin[i][1], "reason": r}
+                              for i, r in enumerate(reasons) if r]
+    systems = np.asarray(tokenized["system"], dtype=object)[kept] if len(kept) else np.asarray([], dtype=object)
+    system_counts = {}
+    for text in systems.tolist():
+        system_counts[text] = system_counts.get(text, 0) + 1
     kept = kept[rng.permutation(len(kept))]  # mixture order: sources interleaved, seeded
     lengths = row_len[kept]
-    tokenized = tokenized.remove_columns(["overlong", "loss_tokens"])
+    tokenized = tokenized.remove_columns(["overlong", "loss_tokens", "reject", "system"])
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     if cfg.pack:
         bins = [[int(kept[j]) for j in row] for row in pack_best_fit(lengths, max_len)]
@@ -409,12 +547,17 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
         "distinct_rows_tokenized": int(len(tokenized)),
         "overlong": overlong, "overlong_action": cfg.overlong,
         "dropped_overlong": overlong if not truncate else 0, "dropped_no_loss_tokens": no_loss,
+        "rejected": len(rejects), "reject_reasons": dict(Counter(r["reason"].split(":")[0] for r in rejects)),
+        "system_prompts": [{"system_prompt": k or None, "samples": v}
+                           for k, v in sorted(system_counts.items(), key=lambda kv: -kv[1])[:5]],
         "rows": n_rows, "tokens": tokens, "max_length": max_len,
         "packing_efficiency": tokens / (n_rows * max_len) if cfg.pack and n_rows else None,
         "prepare_s": time.perf_counter() - t0, "fingerprint": key,
     }
     if not cfg.pack:
         data.save_to_disk(str(tmp / "data"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     if out.exists():
         import shutil

@@ -1,4 +1,4 @@
-"""The `posttrain` command: one sub-command per stage.
+"""The `posttrain` command: one sub-command per stage, all driven the same way.
 
     posttrain model info CONFIG            parameter counts and KV-cache size
     posttrain model convert SRC DST --to   FP8 <-> bf16 checkpoint conversion
@@ -8,27 +8,71 @@
     posttrain rm train --config FILE [key=value ...]   Bradley-Terry reward model
     posttrain rm eval --model DIR --data FILE  pairwise accuracy, score histograms
     posttrain rm serve --model DIR [--port N]  a reward model over HTTP
-    posttrain grpo --config FILE [key=value ...]   GRPO (rollouts from the torch engine)
+    posttrain grpo --config FILE [key=value ...]   GRPO
     posttrain demo [--out DIR]             the whole pipeline on the embedded default
+
+Every command reads one typed config (posttrain/config.py): `--config FILE` (YAML), then its
+flags, each an alias of a config key (`--lr` is not a thing; `train.lr=1e-5` is), then
+`key.sub=value` overrides. The resolved config is written beside the output. A command that
+writes refuses an output it did not write (`--overwrite` writes into it anyway, removing
+nothing), an output that is one of its inputs, and a rerun with other settings (`--restart`
+starts over). Expected failures print one line naming the file or key and exit 2; `--debug`
+shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
-def _cmd_model_info(ns: argparse.Namespace) -> int:
+@dataclass
+class Alias:
+    """A flag that sets a config key. kind: value (the flag's text), const (a fixed value),
+    append (a list of texts), pairs (KEY=VALUE into `key.KEY`), positional (an argument)."""
+
+    flags: tuple[str, ...]
+    key: str
+    kind: str = "value"
+    const: Any = None
+    help: str = ""
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return "alias_" + self.key.replace(".", "_")
+
+
+@dataclass
+class Command:
+    path: tuple[str, ...]
+    help: str
+    config: Callable[[], type]               # the config dataclass (imported late: fast --help)
+    run: Callable[[Any, argparse.Namespace], int]
+    aliases: list[Alias] = field(default_factory=list)
+    writes: bool = True                      # takes --overwrite / --restart
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ------------------------------------------------------------------- runners
+def _model_info(cfg, ns) -> int:
     from posttrain.model.args import ModelArgs
     from posttrain.model.counting import count_parameters, kv_cache_bytes_per_token
 
-    args = ModelArgs.from_json(ns.config)
+    args = ModelArgs.from_json(cfg.config)
     c = count_parameters(args)
-    kv = kv_cache_bytes_per_token(args, ns.kv_bytes)
-    if ns.json:
-        print(json.dumps({"params": c.as_dict(), "kv_cache_bytes_per_token": kv}, indent=2))
+    kv = kv_cache_bytes_per_token(args, cfg.kv_bytes)
+    if cfg.json:
+        _print_json({"params": c.as_dict(), "kv_cache_bytes_per_token": kv})
         return 0
 
     def b(n: int) -> str:
@@ -43,147 +87,89 @@ def _cmd_model_info(ns: argparse.Namespace) -> int:
         ("  as stored in a checkpoint", b(c.mtp_checkpoint) + "  (with the embedding/head copies)"),
         ("  activated per token", b(c.active_mtp)),
         ("checkpoint total (main + MTP)", b(c.total_with_mtp)),
-        (f"KV cache per token ({ns.kv_bytes}-byte values)",
+        (f"KV cache per token ({cfg.kv_bytes}-byte values)",
          f"MLA {kv['mla']:,} B vs plain MHA {kv['mha']:,} B ({kv['mha'] / kv['mla']:.1f}x smaller)"),
     ]
     width = max(len(k) for k, _ in rows)
-    print(f"{ns.config}: {args.num_hidden_layers} layers, hidden {args.hidden_size}, "
+    print(f"{cfg.config}: {args.num_hidden_layers} layers, hidden {args.hidden_size}, "
           f"{args.n_routed_experts} routed experts (top-{args.num_experts_per_tok}), {args.n_shared_experts} shared")
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")
     return 0
 
 
-def _cmd_model_convert(ns: argparse.Namespace) -> int:
-    import torch
-    from posttrain.model.convert import convert_checkpoint
+def _convert(cfg, ns) -> int:
+    from posttrain.stages.convert import run_convert
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[ns.dtype]
-    counts = convert_checkpoint(ns.src, ns.dst, ns.to, dtype=dtype,
-                                progress=lambda f: print(f"  wrote {f}", file=sys.stderr))
-    print(f"{ns.src} -> {ns.dst} ({ns.to}): {counts['converted']} tensors converted, {counts['kept']} kept")
+    counts = run_convert(cfg, ns.overwrite, ns.restart)
+    print(f"{cfg.src} -> {cfg.dst} ({cfg.to}): {counts['converted']} tensors converted, {counts['kept']} kept")
     return 0
 
 
-def _pairs(items: list[str], what: str, parse_json: bool) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"posttrain: error: {what} takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        if parse_json:
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass  # a plain string
-        out[key] = value
-    return out
+def _score(cfg, ns) -> int:
+    from posttrain.stages.reward_score import print_summary, run_score
 
-
-def _cmd_reward_score(ns: argparse.Namespace) -> int:
-    from posttrain.stages.reward_score import print_summary, score_file
-
-    summary = score_file(ns.reward, Path(ns.data), Path(ns.out), _pairs(ns.map, "--map", False),
-                         ns.batch_size, _pairs(ns.option, "--option", True))
-    print_summary(summary)
+    print_summary(run_score(cfg, ns.overwrite, ns.restart))
     return 0
 
 
-def _cmd_distill_generate(ns: argparse.Namespace) -> int:
-    from data_recipes.prompt_sets import FieldMap, load_prompts
-    from data_recipes.r1_prompts import R1_SYSTEM_PROMPT
-    from posttrain.engines import SamplingConfig, make_engine
-    from posttrain.stages.distill_generate import generate
+def _generate(cfg, ns) -> int:
+    from posttrain.stages.distill_generate import run_generate
 
-    fields = None
-    if ns.map:
-        fields = FieldMap(**_pairs(ns.map, "--map", False))
-    prompts, rejects = load_prompts(ns.prompts, fields, ns.limit, ns.seed)
-    system = R1_SYSTEM_PROMPT if ns.system_prompt is None else (
-        Path(ns.system_prompt[1:]).read_text() if ns.system_prompt.startswith("@") else ns.system_prompt) or None
-    engine = make_engine(ns.engine, ns.model, ns.base_url, ns.api_key_env, ns.concurrency, ns.rps, ns.dtype,
-                         ns.max_model_len, ns.latency, ns.tokenizer)
-    sampling = SamplingConfig(n=ns.n, max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                              seed=ns.seed)
-    summary = generate(prompts, engine, sampling, Path(ns.out), system, ns.chunk_size, rejects)
-    print(json.dumps(summary, indent=2))
+    _print_json(run_generate(cfg, ns.overwrite, ns.restart))
     return 0
 
 
-def _cmd_distill_filter(ns: argparse.Namespace) -> int:
-    from data_recipes.distill_filters import FilterConfig
-    from posttrain.stages.distill_filter import run_filter
+def _filter(cfg, ns) -> int:
+    from posttrain.stages.distill_filter import run_filter_stage
 
-    cfg = FilterConfig(**_pairs(ns.set, "--set", True))
-    cfg.decontaminate = list(ns.decontaminate or cfg.decontaminate)
-    summary = run_filter(Path(ns.input), Path(ns.out), cfg)
+    summary = run_filter_stage(cfg, ns.overwrite, ns.restart)
     print(f"kept {summary['kept']} of {summary['records']} records; rejected {summary['rejected']}:")
     for why, k in summary["reasons"].items():
         print(f"  {k:6d}  {why}")
-    print(f"outputs in {ns.out}: kept.jsonl, rejects.jsonl, summary.json")
+    print(f"outputs in {cfg.output_dir}: kept.jsonl, rejects.jsonl, summary.json")
     return 0
 
 
-def _cmd_distill_export(ns: argparse.Namespace) -> int:
-    from data_recipes.r1_prompts import R1_SYSTEM_PROMPT
-    from posttrain.stages.distill_export import export
+def _export(cfg, ns) -> int:
+    from posttrain.stages.distill_export import run_export
 
-    system = None if ns.no_system_prompt else R1_SYSTEM_PROMPT
-    print(json.dumps(export(Path(ns.input), Path(ns.out), ns.format, ns.kinds, system), indent=2))
+    _print_json(run_export(cfg, ns.overwrite, ns.restart))
     return 0
 
 
-def _cmd_sft(ns: argparse.Namespace) -> int:
-    from posttrain.config import apply_overrides, load_yaml
-    from posttrain.stages.sft import run_sft, sft_config
+def _sft(cfg, ns) -> int:
+    from posttrain.stages.sft import run_sft
 
-    cfg = sft_config(apply_overrides(load_yaml(ns.config), ns.overrides))
-    result = run_sft(cfg)
-    print(json.dumps({k: v for k, v in result.items() if k != "data"}, indent=2))
+    result = run_sft(cfg, ns.overwrite, ns.restart)
+    _print_json({k: v for k, v in result.items() if k != "data"})
     return 0
 
 
-def _cmd_rm_train(ns: argparse.Namespace) -> int:
-    from posttrain.config import apply_overrides, load_yaml
-    from posttrain.stages.rm_train import rm_config, run_rm_train
+def _rm_train(cfg, ns) -> int:
+    from posttrain.stages.rm_train import run_rm_train
 
-    cfg = rm_config(apply_overrides(load_yaml(ns.config), ns.overrides))
-    print(json.dumps(run_rm_train(cfg), indent=2))
+    _print_json(run_rm_train(cfg, ns.overwrite, ns.restart))
     return 0
 
 
-def _pair_fields(ns: argparse.Namespace):
-    from data_recipes.preference_data import PairFields
+def _rm_eval(cfg, ns) -> int:
+    from posttrain.stages.rm_eval import run_rm_eval_stage
 
-    fields = PairFields()
-    for item in ns.field or []:
-        key, _, column = item.partition("=")
-        if key not in PairFields.__dataclass_fields__ or not column:
-            from posttrain.model.args import ConfigError
-
-            raise ConfigError(f"--field {item!r}: expected one of {sorted(PairFields.__dataclass_fields__)}=COLUMN")
-        setattr(fields, key, None if column == "none" else column)
-    return fields
-
-
-def _cmd_rm_eval(ns: argparse.Namespace) -> int:
-    from posttrain.stages.rm_eval import run_rm_eval
-
-    summary = run_rm_eval(ns.model, ns.data, ns.out, _pair_fields(ns), ns.max_length, ns.overlong,
-                          ns.batch_size, ns.limit)
+    summary = run_rm_eval_stage(cfg, ns.overwrite, ns.restart)
     short = {k: v for k, v in summary.items() if k not in ("per_subset",)}
     if len(summary["per_subset"]) > 1:
         short["per_subset"] = {k: round(v["accuracy"], 4) for k, v in summary["per_subset"].items()}
-    print(json.dumps(short, indent=2))
+    _print_json(short)
     return 0
 
 
-def _cmd_rm_serve(ns: argparse.Namespace) -> int:
+def _rm_serve(cfg, ns) -> int:
     from reward.model_reward import ModelReward
     from reward.reward_server import make_server
 
-    server = make_server(ModelReward(ns.model, batch_size=ns.batch_size), ns.host, ns.port)
-    print(f"serving {ns.model} at http://{ns.host}:{server.server_address[1]}/score", flush=True)
+    server = make_server(ModelReward(cfg.model, batch_size=cfg.batch_size), cfg.host, cfg.port)
+    print(f"serving {cfg.model} at http://{cfg.host}:{server.server_address[1]}/score", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -191,151 +177,231 @@ def _cmd_rm_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_grpo(ns: argparse.Namespace) -> int:
-    from posttrain.config import apply_overrides, load_yaml
-    from posttrain.stages.grpo import grpo_config, run_grpo
+def _grpo(cfg, ns) -> int:
+    from posttrain.stages.grpo import run_grpo
 
-    print(json.dumps(run_grpo(grpo_config(apply_overrides(load_yaml(ns.config), ns.overrides))), indent=2))
+    _print_json(run_grpo(cfg, ns.overwrite, ns.restart))
     return 0
 
 
-def _cmd_demo(ns: argparse.Namespace) -> int:
+def _demo(cfg, ns) -> int:
     from posttrain.stages.demo import run_demo
 
-    run_demo(Path(ns.out), seed=ns.seed)
+    run_demo(Path(cfg.out), seed=cfg.seed, overwrite=ns.overwrite, restart=ns.restart)
     return 0
 
 
-def _config_command(sub, name: str, help: str, example_config: str, example_overrides: str, func) -> None:
-    """A stage driven by a YAML config plus key.sub=value overrides."""
-    cmd = sub.add_parser(name, help=help)
-    cmd.add_argument("--config", required=True, help=f"YAML, e.g. {example_config}")
-    cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"e.g. {example_overrides}")
-    cmd.set_defaults(func=func)
+# ------------------------------------------------------------------ the table
+def _configs():
+    """Config classes by command, imported when a command runs (so `--help` stays quick)."""
+    from posttrain.stages import configs
+
+    return configs
+
+
+COMMANDS = [
+    Command(("model", "info"), "parameter counts (total/activated, with and without MTP) and KV-cache bytes",
+            lambda: _configs().ModelInfoConfig, _model_info, [
+                Alias(("config",), "config", "positional", help="a config.json, or a checkpoint directory holding one"),
+                Alias(("--kv-bytes",), "kv_bytes", help="bytes per cached value (2 = bf16)"),
+                Alias(("--json",), "json", "const", True, help="machine-readable output")], writes=False),
+    Command(("model", "convert"), "FP8 (e4m3 + weight_scale_inv) <-> bf16, streamed shard by shard",
+            lambda: _configs().ConvertConfig, _convert, [
+                Alias(("src",), "src", "positional"), Alias(("dst",), "dst", "positional"),
+                Alias(("--to",), "to", help="bf16 or fp8"),
+                Alias(("--dtype",), "dtype", help="bf16, fp32 or fp16: dtype of the non-FP8 tensors written")]),
+    Command(("reward", "score"), "score a jsonl of completions (progress bar, summary, rejects file)",
+            lambda: _configs().ScoreConfig, _score, [
+                Alias(("--reward",), "reward", help="math, code, format, overlong, repetition, language, cosine, "
+                                                    "or module:function"),
+                Alias(("--data",), "data", help="jsonl: completion, prompt, and the reward's columns"),
+                Alias(("--out",), "output", help="scored jsonl (plus .summary.json and .rejects.jsonl)"),
+                Alias(("--map",), "map", "pairs", metavar="OURS=THEIRS",
+                      help="read a field under another name, e.g. completion=response, answer=gold"),
+                Alias(("--option",), "options", "pairs", metavar="KEY=VALUE",
+                      help="reward option, e.g. deadline_s=2, ignore_think=false, allow_weak_isolation=true"),
+                Alias(("--batch-size",), "batch_size")]),
+    Command(("distill", "generate"), "N teacher samples per prompt; sharded, resumable",
+            lambda: _configs().GenerateConfig, _generate, [
+                Alias(("--prompts",), "prompts.source",
+                      help="recipe (gsm8k, gsm8k-test, math500, humaneval, synthetic), .jsonl/.parquet, HF dir, hf:NAME"),
+                Alias(("--map",), "prompts.fields", "pairs", metavar="FIELD=SOURCE",
+                      help="field mapping for files: problem=question, answer=gold, id=uid, test=..., task=math"),
+                Alias(("--limit",), "prompts.limit"),
+                Alias(("--engine",), "engine.kind", help="scripted (default), torch, vllm or openai"),
+                Alias(("--model",), "engine.model", help="checkpoint directory (torch, vllm) or served model (openai)"),
+                Alias(("--base-url",), "engine.base_url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000"),
+                Alias(("--api-key-env",), "engine.api_key_env", help="environment variable that holds the API key"),
+                Alias(("--tokenizer",), "engine.tokenizer",
+                      help="openai: the served model's tokenizer, for the completions' token ids"),
+                Alias(("--concurrency",), "engine.concurrency"), Alias(("--rps",), "engine.rps"),
+                Alias(("--dtype",), "engine.dtype"), Alias(("--max-model-len",), "engine.max_model_len"),
+                Alias(("--latency",), "engine.latency", help=argparse.SUPPRESS),
+                Alias(("--system-prompt",), "system_prompt",
+                      help="r1 (default: the R1-style prompt), text, @FILE, or '' for none"),
+                Alias(("--n",), "sampling.n"), Alias(("--max-tokens",), "sampling.max_tokens"),
+                Alias(("--temperature",), "sampling.temperature"), Alias(("--top-p",), "sampling.top_p"),
+                Alias(("--seed",), "sampling.seed"), Alias(("--chunk-size",), "chunk_size"),
+                Alias(("--out",), "output_dir")]),
+    Command(("distill", "filter"), "verify, check completeness/readability, dedup, decontaminate",
+            lambda: _configs().FilterStageConfig, _filter, [
+                Alias(("--input",), "input", help="a `distill generate` directory or a jsonl file"),
+                Alias(("--out",), "output_dir"),
+                Alias(("--decontaminate",), "filter.decontaminate", "append", metavar="BENCHMARK",
+                      help="recipe name (math500, gsm8k-test, humaneval) or jsonl file; repeatable"),
+                Alias(("--set",), "filter", "pairs", metavar="KEY=VALUE",
+                      help="filter setting, e.g. keep_per_prompt=1, min_reflections=1, max_pass_rate=0.9")]),
+    Command(("distill", "export"), "SFT-ready chat data with provenance",
+            lambda: _configs().ExportConfig, _export, [
+                Alias(("--input",), "input", help="a `distill filter` directory or its kept.jsonl"),
+                Alias(("--out",), "output"), Alias(("--format",), "format", help="jsonl, parquet or hf"),
+                Alias(("--kinds",), "kinds", help="r1 or both"),
+                Alias(("--system-prompt",), "system_prompt",
+                      help="keep (default: the one the teacher was sampled with), text, @FILE, or '' for none"),
+                Alias(("--no-system-prompt",), "system_prompt", "const", None, help="export without a system prompt")]),
+    Command(("sft",), "supervised fine-tuning (full or LoRA) on a packed chat mixture",
+            lambda: _configs().SFTConfig, _sft),
+    Command(("rm", "train"), "Bradley-Terry reward model from an SFT checkpoint or a config",
+            lambda: _configs().RMConfig, _rm_train),
+    Command(("rm", "eval"), "pairwise accuracy (per subset, RewardBench sections), score histograms",
+            lambda: _configs().RMEvalConfig, _rm_eval, [
+                Alias(("--model",), "model", help="reward-model checkpoint directory"),
+                Alias(("--data",), "data", help="pairs: jsonl(.gz), parquet, HF dataset dir or hf:NAME"),
+                Alias(("--out",), "output_dir", help="report directory (default <model>-eval/<data name>)"),
+                Alias(("--field",), "fields", "pairs", metavar="KEY=COLUMN",
+                      help="column names: prompt, chosen, rejected, margin, subset, id (none = absent)"),
+                Alias(("--max-length",), "max_length", help="default: the length the model was trained with"),
+                Alias(("--overlong",), "overlong", help="drop or truncate"),
+                Alias(("--batch-size",), "batch_size"), Alias(("--limit",), "limit", help="score the first N pairs")]),
+    Command(("rm", "serve"), "POST /score {prompts, completions} -> {rewards}",
+            lambda: _configs().ServeConfig, _rm_serve, [
+                Alias(("--model",), "model"), Alias(("--host",), "host"), Alias(("--port",), "port"),
+                Alias(("--batch-size",), "batch_size")], writes=False),
+    Command(("grpo",), "GRPO from an SFT checkpoint with rule / model rewards",
+            lambda: _configs().GRPOConfig, _grpo),
+    Command(("demo",), "run the pipeline on the embedded default (tiny model, local tokenizer)",
+            lambda: _configs().DemoConfig, _demo, [
+                Alias(("--out",), "out", help="output directory (summary.json, checkpoints, reports)"),
+                Alias(("--seed",), "seed")]),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     sub = p.add_subparsers(dest="command", required=True)
-
-    model = sub.add_parser("model", help="inspect and convert DeepSeek-V3 checkpoints")
-    msub = model.add_subparsers(dest="model_command", required=True)
-    info = msub.add_parser("info", help="parameter counts (total/activated, with and without MTP) and KV-cache bytes")
-    info.add_argument("config", help="a config.json, or a checkpoint directory holding one")
-    info.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
-    info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.set_defaults(func=_cmd_model_info)
-    conv = msub.add_parser("convert", help="FP8 (e4m3 + weight_scale_inv) <-> bf16, streamed shard by shard")
-    conv.add_argument("src")
-    conv.add_argument("dst")
-    conv.add_argument("--to", choices=["bf16", "fp8"], required=True)
-    conv.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16",
-                      help="dtype of the non-FP8 tensors written")
-    conv.set_defaults(func=_cmd_model_convert)
-
-    rew = sub.add_parser("reward", help="rule-based rewards")
-    rsub = rew.add_subparsers(dest="reward_command", required=True)
-    score = rsub.add_parser("score", help="score a jsonl of completions (progress bar, summary, rejects file)")
-    score.add_argument("--reward", required=True, help="math, code, format, overlong, repetition, language, cosine")
-    score.add_argument("--data", required=True, help="jsonl: completion, prompt, and the reward's columns")
-    score.add_argument("--out", required=True, help="scored jsonl (plus .summary.json and .rejects.jsonl)")
-    score.add_argument("--map", action="append", metavar="OURS=THEIRS",
-                       help="read a field under another name, e.g. completion=response, answer=gold")
-    score.add_argument("--option", action="append", metavar="KEY=VALUE",
-                       help="reward constructor option, e.g. deadline_s=2 or ignore_think=false")
-    score.add_argument("--batch-size", type=int, default=64)
-    score.set_defaults(func=_cmd_reward_score)
-
-    dis = sub.add_parser("distill", help="R1-style distillation: generate, filter, export")
-    dsub = dis.add_subparsers(dest="distill_command", required=True)
-    gen = dsub.add_parser("generate", help="N teacher samples per prompt; sharded, resumable")
-    gen.add_argument("--prompts", required=True,
-                     help="recipe (gsm8k, gsm8k-test, math500, humaneval, synthetic), .jsonl/.parquet, HF dir, hf:NAME")
-    gen.add_argument("--map", action="append", metavar="FIELD=SOURCE",
-                     help="field mapping for files: problem=question, answer=gold, id=uid, test=..., task=math")
-    gen.add_argument("--limit", type=int)
-    gen.add_argument("--engine", choices=["torch", "vllm", "openai", "scripted"], default="scripted")
-    gen.add_argument("--model", help="checkpoint directory (torch, vllm) or served model name (openai)")
-    gen.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000")
-    gen.add_argument("--api-key-env", help="environment variable that holds the API key")
-    gen.add_argument("--tokenizer", help="openai: the served model's tokenizer (a directory or hub name), for the "
-                                         "completions' token ids when the server returns none")
-    gen.add_argument("--concurrency", type=int, default=8)
-    gen.add_argument("--rps", type=float, help="request rate limit (per second)")
-    gen.add_argument("--dtype", default="float32")
-    gen.add_argument("--max-model-len", type=int)
-    gen.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)  # scripted teacher: simulated delay
-    gen.add_argument("--system-prompt", help="text, @FILE, or '' for none (default: the R1-style prompt)")
-    gen.add_argument("--n", type=int, default=4)
-    gen.add_argument("--max-tokens", type=int, default=2048)
-    gen.add_argument("--temperature", type=float, default=0.6)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--chunk-size", type=int, default=64)
-    gen.add_argument("--out", required=True)
-    gen.set_defaults(func=_cmd_distill_generate)
-    fil = dsub.add_parser("filter", help="verify, check completeness/readability, dedup, decontaminate")
-    fil.add_argument("--input", required=True, help="a `distill generate` directory or a jsonl file")
-    fil.add_argument("--out", required=True)
-    fil.add_argument("--decontaminate", action="append", metavar="BENCHMARK",
-                     help="recipe name (math500, gsm8k-test, humaneval) or jsonl file; repeatable")
-    fil.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="filter setting, e.g. keep_per_prompt=1, min_reflections=1, max_pass_rate=0.9")
-    fil.set_defaults(func=_cmd_distill_filter)
-    exp = dsub.add_parser("export", help="SFT-ready chat data with provenance")
-    exp.add_argument("--input", required=True, help="a `distill filter` directory or its kept.jsonl")
-    exp.add_argument("--out", required=True)
-    exp.add_argument("--format", choices=["jsonl", "parquet", "hf"], default="jsonl")
-    exp.add_argument("--kinds", choices=["r1", "both"], default="r1")
-    exp.add_argument("--no-system-prompt", action="store_true")
-    exp.set_defaults(func=_cmd_distill_export)
-
-    _config_command(sub, "sft", "supervised fine-tuning (full or LoRA) on a packed chat mixture",
-                    "configs/sft/tiny.yaml", "train.lr=1e-5 lora.enabled=true", _cmd_sft)
-
-    rm = sub.add_parser("rm", help="model-based reward: train, evaluate, serve")
-    rmsub = rm.add_subparsers(dest="rm_command", required=True)
-    _config_command(rmsub, "train", "Bradley-Terry reward model from an SFT checkpoint or a config",
-                    "configs/rm/tiny.yaml", "train.lr=1e-5 lora.enabled=true", _cmd_rm_train)
-    rme = rmsub.add_parser("eval", help="pairwise accuracy (per subset, RewardBench sections), score histograms")
-    rme.add_argument("--model", required=True, help="reward-model checkpoint directory")
-    rme.add_argument("--data", required=True, help="pairs: jsonl(.gz), parquet, HF dataset dir or hf:NAME")
-    rme.add_argument("--out", help="report directory (default MODEL/eval/<data name>)")
-    rme.add_argument("--field", action="append", metavar="KEY=COLUMN",
-                     help="column names: prompt, chosen, rejected, margin, subset, id (none = absent)")
-    rme.add_argument("--max-length", type=int, help="default: the length the model was trained with")
-    rme.add_argument("--overlong", choices=["drop", "truncate"], default="drop")
-    rme.add_argument("--batch-size", type=int, default=16)
-    rme.add_argument("--limit", type=int, help="score only the first N pairs")
-    rme.set_defaults(func=_cmd_rm_eval)
-    rms = rmsub.add_parser("serve", help="POST /score {prompts, completions} -> {rewards}")
-    rms.add_argument("--model", required=True)
-    rms.add_argument("--host", default="127.0.0.1")
-    rms.add_argument("--port", type=int, default=8010)
-    rms.add_argument("--batch-size", type=int, default=16)
-    rms.set_defaults(func=_cmd_rm_serve)
-
-    _config_command(sub, "grpo", "GRPO from an SFT checkpoint with rule / model rewards",
-                    "configs/grpo/tiny.yaml", "grpo.group_size=16", _cmd_grpo)
-
-    demo = sub.add_parser("demo", help="run the pipeline on the embedded default (tiny model, local tokenizer)")
-    demo.add_argument("--out", default="demo_out", help="output directory (summary.json, checkpoints, reports)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_cmd_demo)
+    groups: dict[tuple[str, ...], Any] = {(): sub}
+    for cmd in COMMANDS:
+        parent = groups[()]
+        for depth in range(1, len(cmd.path)):
+            key = cmd.path[:depth]
+            if key not in groups:
+                group = parent.add_parser(key[-1], help={"model": "inspect and convert DeepSeek-V3 checkpoints",
+                                                         "reward": "rule-based rewards",
+                                                         "distill": "R1-style distillation: generate, filter, export",
+                                                         "rm": "model-based reward: train, evaluate, serve"}[key[-1]])
+                groups[key] = group.add_subparsers(dest="_".join(key) + "_command", required=True)
+            parent = groups[key]
+        c = parent.add_parser(cmd.path[-1], help=cmd.help, description=cmd.help)
+        for a in cmd.aliases:
+            if a.kind == "positional":
+                c.add_argument(a.dest, metavar=a.flags[0].upper(), help=a.help)
+            elif a.kind == "const":
+                c.add_argument(*a.flags, dest=a.dest, action="store_const", const=True, help=a.help)
+            elif a.kind in ("append", "pairs"):
+                c.add_argument(*a.flags, dest=a.dest, action="append", metavar=a.metavar, help=a.help)
+            else:
+                c.add_argument(*a.flags, dest=a.dest, metavar=a.metavar or "VALUE", help=a.help or f"config key {a.key}")
+        c.add_argument("--config", help="a YAML file of this command's settings (see configs/)")
+        c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an expected failure too")
+        c.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings on top of --config and flags")
+        if cmd.writes:
+            c.add_argument("--overwrite", action="store_true",
+                           help="write into an existing output this command did not write (nothing is removed)")
+            c.add_argument("--restart", action="store_true",
+                           help="start over in an output this command wrote with other settings")
+        c.set_defaults(func=cmd)
     return p
+
+
+def _aliases(cmd: Command, ns: argparse.Namespace, cls) -> dict[str, Any]:
+    """Config keys set by the command's flags, typed as their fields are."""
+    from posttrain.config import _hint_at, _parse
+    from posttrain.model.args import ConfigError
+
+    out: dict[str, Any] = {}
+    for a in cmd.aliases:
+        value = getattr(ns, a.dest, None)
+        if value is None:
+            continue
+        if a.kind == "const":
+            out[a.key] = a.const
+        elif a.kind == "append":
+            out[a.key] = list(value)
+        elif a.kind == "pairs":
+            for item in value:
+                k, sep, raw = item.partition("=")
+                if not sep or not k:
+                    raise ConfigError(f"{a.flags[0]} {item!r}: expected KEY=VALUE")
+                key = f"{a.key}.{k}"
+                hint = _hint_at(cls, key.split("."))
+                out[key] = None if raw == "none" and a.key == "fields" else _parse(raw, hint)
+        else:
+            hint = _hint_at(cls, a.key.split("."))
+            out[a.key] = None if value == "" and a.key == "system_prompt" else _parse(value, hint)
+    return out
+
+
+def _run(cmd: Command, ns: argparse.Namespace) -> int:
+    from posttrain.config import load_config
+
+    cls = cmd.config()
+    cfg = load_config(cls, ns.config, ns.overrides, _aliases(cmd, ns, cls))
+    if not cmd.writes:
+        ns.overwrite = ns.restart = False
+    return cmd.run(cfg, ns)
+
+
+def _one_line(e: BaseException) -> str:
+    """An expected failure as one line: the file or key it names, and the fix."""
+    if isinstance(e, OSError) and not type(e).__module__.startswith(("posttrain", "reward", "data_recipes")):
+        where = e.filename or ""
+        fixes = {errno.ENOSPC: "no space left on the device: free some or choose another output path",
+                 errno.EROFS: "a read-only file system: choose a writable output path",
+                 errno.EACCES: "permission denied: choose a path this user may use",
+                 errno.EPERM: "operation not permitted: choose a path this user may use",
+                 errno.ENOENT: "no such file or directory", errno.EISDIR: "a directory where a file is expected",
+                 errno.ENOTDIR: "a file where a directory is expected"}
+        text = fixes.get(e.errno) or e.strerror or str(e)
+        if where:
+            return f"{where}: {text}"
+    text = " ".join(str(e).split())
+    return (text[:500] + "...") if len(text) > 500 else text
+
+
+def _expected() -> tuple[type, ...]:
+    from posttrain.engines.base import EngineError
+    from posttrain.errors import DataError
+    from posttrain.model.args import ConfigError
+    from posttrain.model.checkpoint import CheckpointError
+    from posttrain.outputs import OutputError
+    from posttrain.stages.distill_generate import ManifestMismatch
+    from reward.sandbox import SandboxUnavailable
+
+    return (ConfigError, CheckpointError, OutputError, DataError, ManifestMismatch, SandboxUnavailable, EngineError,
+            OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    from posttrain.model.args import ConfigError
-    from posttrain.model.checkpoint import CheckpointError
-    from posttrain.stages.distill_generate import ManifestMismatch
-
     try:
-        return ns.func(ns)
-    except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ManifestMismatch) as e:
-        print(f"posttrain: error: {e}", file=sys.stderr)
+        return _run(ns.func, ns)
+    except Exception as e:  # noqa: BLE001 - sorted below: expected ones become one line
+        if ns.debug or not isinstance(e, _expected()):
+            raise
+        print(f"posttrain: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -25,32 +25,44 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike):
-    """Yield (line number, object or None, reason or None) for each non-blank line.
+def read_jsonl(path: str | os.PathLike, raw: bool = False):
+    """Yield (line number, object or None, reason or None) for each non-blank line; with
+    `raw`, a fourth item: the start of the line as text (what a rejects row can show of it).
 
-    A line that is not UTF-8, not JSON, or not a JSON object comes back with the reason
-    instead of stopping the read, so callers can put it in their rejects file.
+    A line that is not UTF-8, not JSON, nested too deeply, not a JSON object, or holding a
+    lone surrogate (text no UTF-8 file can store) comes back with the reason instead of
+    stopping the read, so callers can put it in their rejects file.
     """
     import gzip
 
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
                 continue
+            rec, why = None, None
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                rec = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError:
-                yield n, None, "not UTF-8"
-                continue
+                why = "not UTF-8"
             except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON: {e.msg} at column {e.colno}"
-                continue
-            if not isinstance(rec, dict):
-                yield n, None, f"a line must be a JSON object, got {type(rec).__name__}"
-                continue
-            yield n, rec, None
+                why = f"invalid JSON: {e.msg} at column {e.colno}"
+            except RecursionError:
+                why = "JSON nested too deeply"
+            if why is None and not isinstance(rec, dict):
+                rec, why = None, f"a line must be a JSON object, got {type(rec).__name__}"
+            if why is None:
+                try:
+                    json.dumps(rec, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    rec, why = None, "the text holds a lone surrogate (not valid Unicode)"
+                except RecursionError:
+                    rec, why = None, "JSON nested too deeply"
+            if raw:
+                yield n, rec, why, line[:500].decode("utf-8", "replace").rstrip("\n")
+            else:
+                yield n, rec, why
 
 
 def truncate_jsonl(path: str | os.PathLike, keep) -> None:

@@ -47,11 +47,14 @@ class RewardModelScorer:
             raise ValueError("give a checkpoint path, or both model and tokenizer")
         path = Path(path) if path is not None else None
         if model is None:
+            from posttrain.model.checkpoint import CheckpointError, has_tensor
+
             if not (path / "config.json").exists():
-                raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+                raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
+            if not has_tensor(path, "score.weight"):  # a random head would score by chance, silently
+                raise CheckpointError(f"{path} has no trained reward head (score.weight): it is not a reward model; "
+                                      "train one with `posttrain rm train` and point at its final/ directory")
             model, _ = load_checkpoint(path, dtype=dtype, scalar_head=True)
-            if model.score is None:
-                raise ValueError(f"{path} has no reward head")
         if tokenizer is None:
             from transformers import AutoTokenizer
 

@@ -45,7 +45,7 @@ def make_server(reward_fn, host: str = "127.0.0.1", port: int = 8010) -> Threadi
                 return
             try:
                 with lock:
-                    rewards = reward_fn(prompts, completions)
+                    rewards = reward_fn(prompts=prompts, completions=completions)
             except Exception as e:  # the client gets the reason; the server keeps serving
                 self._send(500, {"error": f"{type(e).__name__}: {e}"})
                 return

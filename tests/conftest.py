@@ -23,3 +23,16 @@ def shared_data():
     if not (path / "humaneval.jsonl.gz").exists():
         pytest.skip(f"the shared data sets are not at {path} (set POSTTRAIN_SHARED_DATA to their directory)")
     return path
+
+
+@pytest.fixture
+def kernels():
+    """Choose implementations for one test, `kernels(grouped_mm="loop", packed="always")`
+    (posttrain/model/kernels/selection.py); the previous choice is restored after it."""
+    import dataclasses
+
+    from posttrain.model.kernels import selection
+
+    before = selection.active()
+    yield lambda **choices: selection.select(dataclasses.replace(selection.active(), **choices))
+    selection.select(before)

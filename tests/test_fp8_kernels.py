@@ -43,6 +43,7 @@ import pytest
 import torch
 
 from posttrain.model import fp8
+from posttrain.model.kernels.selection import KernelSelection, selected
 from posttrain.model import kernels as K
 from posttrain.model.kernels import reference as R
 
@@ -227,7 +228,7 @@ def test_b_scale_layout_is_read_from_its_shape():
                        R.fp8_gemm(a_q, a_s, b1_q, b1_s, torch.float32, False))
 
 
-def test_cpu_dispatch_uses_the_references(monkeypatch):
+def test_cpu_dispatch_uses_the_references():
     x = rand((37, 200), seed=960, dtype=torch.bfloat16)
     assert_quant_equal(K.act_quant(x), R.act_quant(x))
     assert_quant_equal(K.act_quant_t(x), R.act_quant_t(x))
@@ -236,18 +237,15 @@ def test_cpu_dispatch_uses_the_references(monkeypatch):
     a_q, a_s = R.act_quant(x)
     b_q, b_s = R.weight_quant(rand((48, 200), seed=961))
     want = R.fp8_gemm(a_q, a_s, b_q, b_s, torch.bfloat16, True)
-    for mode in ("", "auto", "torch"):
-        monkeypatch.setenv(G.ENV_VAR, mode)
-        assert torch.equal(K.fp8_matmul(a_q, a_s, b_q, b_s, b_block=True), want)
-    monkeypatch.setenv(G.ENV_VAR, "cublas")
-    with pytest.raises(G.ScaledMMUnsupported, match="CUDA"):
+    for mode in ("auto", "torch"):
+        with selected(fp8_gemm=mode):
+            assert torch.equal(K.fp8_matmul(a_q, a_s, b_q, b_s, b_block=True), want)
+    with selected(fp8_gemm="cublas"), pytest.raises(G.ScaledMMUnsupported, match="CUDA"):
         K.fp8_matmul(a_q, a_s, b_q, b_s)
-    monkeypatch.setenv(G.ENV_VAR, "fastest")
-    with pytest.raises(ValueError, match="POSTTRAIN_FP8_GEMM"):
-        K.fp8_matmul(a_q, a_s, b_q, b_s)
+    with pytest.raises(ValueError, match="kernels.fp8_gemm='fastest'"):
+        KernelSelection(fp8_gemm="fastest")
     if K.HAVE_TRITON and not Q.interpreting():
-        monkeypatch.setenv(G.ENV_VAR, "triton")
-        with pytest.raises(ValueError, match="CUDA tensors"):
+        with selected(fp8_gemm="triton"), pytest.raises(ValueError, match="CUDA tensors"):
             K.fp8_matmul(a_q, a_s, b_q, b_s)
     reason = G.scaled_mm_unsupported_reason(a_q, b_q, True, torch.bfloat16)
     assert reason and "CUDA" in reason
@@ -567,7 +565,6 @@ def interpreted(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    env.pop(G.ENV_VAR, None)
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, str(out)],
                           cwd=root, env=env, capture_output=True, text=True, timeout=500)
     if proc.returncode != 0 or not out.exists():

@@ -103,14 +103,13 @@ def test_train_config_fp8_switches_the_trained_model(tmp_path):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_mlp_runs_gate_and_up_as_one_gemm_with_the_same_numbers(fp8, monkeypatch):
+def test_mlp_runs_gate_and_up_as_one_gemm_with_the_same_numbers(fp8, kernels):
     """MLP packs [W_gate; W_up] into one GEMM when it can: output and every gradient equal the
     two separate GEMMs (in FP8 the output and weight gradients bitwise, the 128-row weight blocks
     staying the same; the input gradient to summation order); a hooked
     or LoRA-wrapped projection is left to run on its own."""
-    from posttrain.model import layers
     from posttrain.model.layers import MLP, packed_weight
-    monkeypatch.setattr(layers, "PACK_ON_CPU", True)  # the GPU's path, here on CPU tensors
+    kernels(packed="always")  # the GPU's path, here on CPU tensors
     torch.manual_seed(0)
     mlp = MLP(256, 256)
     randomize_(mlp, 1)
@@ -149,13 +148,12 @@ def test_mlp_runs_gate_and_up_as_one_gemm_with_the_same_numbers(fp8, monkeypatch
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 16])
-def test_mla_packs_the_query_and_latent_projections_without_changing_the_function(q_lora_rank, monkeypatch):
+def test_mla_packs_the_query_and_latent_projections_without_changing_the_function(q_lora_rank, kernels):
     """MLA runs q (or q_a) and kv_a as one GEMM on the same x; the output and every gradient
     equal the separate projections (a hook on kv_a makes it run them apart)."""
-    from posttrain.model import layers
     from posttrain.model.attention import MLA
     from posttrain.model.rope import RotaryEmbedding
-    monkeypatch.setattr(layers, "PACK_ON_CPU", True)  # the GPU's path, here on CPU tensors
+    kernels(packed="always")  # the GPU's path, here on CPU tensors
     args = small_args(q_lora_rank=q_lora_rank)
     mla = MLA(args)
     randomize_(mla, 2)

@@ -63,9 +63,9 @@ def test_bias_changes_selection_but_not_gate_weights():
 
 
 @pytest.mark.parametrize("impl,n_out", [("loop", 16), ("torch", 16), ("torch", 10)])
-def test_grouped_mm_equals_per_expert_matmul_with_empty_experts(impl, n_out, monkeypatch):
+def test_grouped_mm_equals_per_expert_matmul_with_empty_experts(impl, n_out, kernels):
     """Both implementations; n_out=10 breaks _grouped_mm's 16-byte stride rule and must fall back."""
-    monkeypatch.setenv("POSTTRAIN_GROUPED_MM", impl)
+    kernels(grouped_mm=impl)
     g = torch.Generator().manual_seed(2)
     counts = [5, 0, 9, 0, 0, 3]
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -244,10 +244,9 @@ def test_moe_backward_is_bitwise_reproducible_with_several_threads():
         torch.set_num_threads(threads)
 
 
-def test_packed_gate_up_grouped_gemm_equals_the_two_separate_gemms(monkeypatch):
+def test_packed_gate_up_grouped_gemm_equals_the_two_separate_gemms(kernels):
     """The GPU path runs gate and up as one grouped GEMM over [E, 2I, D] and the packed SwiGLU;
     the CPU path runs two GEMMs on the halves. Same outputs and gradients (float32)."""
-    from posttrain.model import layers
     from posttrain.model.moe import GroupedExperts
     g = torch.Generator().manual_seed(12)
     experts = GroupedExperts(4, 24, 20)
@@ -259,7 +258,7 @@ def test_packed_gate_up_grouped_gemm_equals_the_two_separate_gemms(monkeypatch):
     dy = torch.randn(30, 24, generator=g)
 
     def run(packed):
-        monkeypatch.setattr(layers, "PACK_ON_CPU", packed)
+        kernels(packed="always" if packed else "auto")
         experts.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
         y = experts(xi, offsets)

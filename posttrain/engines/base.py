@@ -17,16 +17,18 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
+from posttrain.config import setting
+
 Prompt = Union[str, list[dict[str, Any]]]
 
 
 @dataclass
 class SamplingConfig:
-    n: int = 1
-    max_tokens: int = 1024
-    temperature: float = 0.6       # R1's recommended sampling
-    top_p: float = 0.95
-    top_k: int = 0                 # 0 = off
+    n: int = setting(1, ge=1)
+    max_tokens: int = setting(1024, ge=1)
+    temperature: float = setting(0.6, ge=0)   # R1's recommended sampling
+    top_p: float = setting(0.95, gt=0, le=1)
+    top_k: int = setting(0, ge=0)             # 0 = off
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int = 0

@@ -17,6 +17,7 @@ crash never leaves a half-written checkpoint under the real name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .args import ConfigError, ModelArgs
@@ -90,9 +91,16 @@ def internal_to_hf(name: str, num_layers: int) -> str:
 # ---------------------------------------------------------------------- load
 def _weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> file, from the sharded index or by opening the single file(s)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not a mapping")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
         if missing:
             raise CheckpointError(f"{path}: index names shard(s) that are missing: {missing}")
@@ -102,9 +110,25 @@ def _weight_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"{path}: no *.safetensors files and no model.safetensors.index.json")
     out = {}
     for f in files:
-        with safe_open(str(f), "pt") as sf:
+        with _opened(f) as sf:
             out.update({k: f for k in sf.keys()})
     return out
+
+
+@contextlib.contextmanager
+def _opened(f: Path):
+    """safe_open, with a corrupt or truncated file reported as a CheckpointError naming it."""
+    try:
+        with safe_open(str(f), "pt") as sf:
+            yield sf
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:200]}); "
+                              "the file is corrupt or truncated") from None
+
+
+def has_tensor(path: str | os.PathLike, name: str) -> bool:
+    """Whether the checkpoint at `path` stores tensor `name` (HF name), e.g. score.weight."""
+    return name in _weight_files(Path(path))
 
 
 def _read_tensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -115,14 +139,14 @@ def _read_tensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.T
         if not name.endswith(".weight_scale_inv"):
             by_file[f].append(name)
     for f, names in by_file.items():
-        with safe_open(str(f), "pt") as sf:
+        with _opened(f) as sf:
             for name in names:
                 t = sf.get_tensor(name)
                 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     scale_name = name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else None
                     if scale_name not in where:
                         raise CheckpointError(f"{name} is FP8 but {scale_name} is missing")
-                    with safe_open(str(where[scale_name]), "pt") as sf_scale:
+                    with _opened(where[scale_name]) as sf_scale:
                         scale = sf_scale.get_tensor(scale_name)
                     try:
                         t = weight_dequant(t, scale, dtype)

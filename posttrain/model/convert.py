@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, _fp8_eligible, _replace_dir, _weight_files
+from .checkpoint import CheckpointError, _fp8_eligible, _opened, _replace_dir, _weight_files
 from .fp8 import FP8_DTYPE, QUANTIZATION_CONFIG, weight_dequant, weight_quant
 
 _WEIGHT_FILES = {"model.safetensors.index.json", "config.json"}
@@ -30,7 +30,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
     if to not in ("bf16", "fp8"):
         raise ValueError(f"--to must be 'bf16' or 'fp8', got {to!r}")
     src, dst = Path(src), Path(dst)
-    config = json.loads((src / "config.json").read_text())
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{src} is not a checkpoint directory (no config.json)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{src / 'config.json'} is not valid JSON ({e})") from None
     where = _weight_files(src)
     files = sorted(set(where.values()))
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
@@ -42,7 +47,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
     try:
         for f in files:
             out: dict[str, torch.Tensor] = {}
-            with safe_open(str(f), "pt") as sf:
+            with _opened(f) as sf:
                 for name in sf.keys():
                     if name.endswith(".weight_scale_inv"):
                         continue

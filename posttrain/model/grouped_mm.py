@@ -7,14 +7,15 @@ fails or disagrees falls back to the loop, which is always correct.
 
 On CPU the loop is the default: torch 2.13's CPU `_grouped_mm` is correct but was measured
 about 25x slower than the loop for 16 experts x 16k rows (0.2 s vs 8 ms).
-POSTTRAIN_GROUPED_MM=torch|loop forces one implementation (tests use it to check both).
+The kernel selection (`train.kernels.grouped_mm`: torch | loop, kernels/selection.py) forces
+one implementation (tests use it to check both).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .kernels import selection
 
 _PROBED: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -66,11 +67,13 @@ def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def use_torch_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    choice = os.environ.get("POSTTRAIN_GROUPED_MM", "auto")
+    choice = selection.active().grouped_mm
     if choice == "loop":
         return False
     if choice == "auto" and device.type == "cpu":
         return False
+    if choice == "torch" and not _grouped_mm_supported(device, dtype):
+        raise RuntimeError(f"kernels.grouped_mm=torch: torch._grouped_mm does not run on {device} in {dtype}")
     return _grouped_mm_supported(device, dtype)
 
 

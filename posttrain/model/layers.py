@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp8_training import FP8Linear, fp8_linear
+from .kernels import selection
 from .kernels.rmsnorm import rms_norm
 from .kernels.swiglu import swiglu, swiglu_packed
 
@@ -58,18 +59,19 @@ def packed_weight(*linears: nn.Module) -> torch.Tensor | None:
     return torch.cat([m.weight for m in linears])
 
 
-# Pack on the GPU only, where it saves time. On CPU the projections run apart, which keeps the
-# CPU numbers (and the CPU training runs the tests make) exactly those of separate GEMMs;
-# summing in another order shifts a long CPU run's trajectory. Tests set this to cover the
-# packed path on CPU.
-PACK_ON_CPU = False
+def packs(x: torch.Tensor) -> bool:
+    """Pack on the GPU only, where it saves time. On CPU the projections run apart, which keeps
+    the CPU numbers (and the CPU training runs the tests make) exactly those of separate GEMMs;
+    summing in another order shifts a long CPU run's trajectory. kernels.packed=always covers
+    the packed path on CPU (tests)."""
+    return x.is_cuda or selection.active().packed == "always"
 
 
 def packed_linear(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
     """x through the projections as one GEMM, outputs side by side along the last dim (split
     them with their out_features); None when they must run apart (`packed_weight`, or x on the
-    CPU unless PACK_ON_CPU)."""
-    if not (x.is_cuda or PACK_ON_CPU):
+    CPU unless kernels.packed=always)."""
+    if not packs(x):
         return None
     weight = packed_weight(*linears)
     if weight is None:

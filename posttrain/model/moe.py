@@ -219,7 +219,7 @@ class GroupedExperts(nn.Module):
         if self.fp8:
             from .fp8_experts import fp8_swiglu_experts
             return fp8_swiglu_experts(x_MD, w_gate_up, w_down, offsets_E, row_w_M)
-        if x_MD.is_cuda or layers.PACK_ON_CPU:
+        if layers.packs(x_MD):
             # gate and up as one GEMM: x is read once, and backward needs one input-gradient GEMM
             # (K = 2I) instead of two plus the sum of their outputs
             h = swiglu_packed(grouped_mm(x_MD, w_gate_up.transpose(1, 2), offsets_E), row_w_M)

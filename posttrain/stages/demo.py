@@ -137,7 +137,7 @@ def _reward_stage(seed: int) -> dict:
             "per_s": round(per_s, 1)}
 
 
-def _distill_stage(out: Path, seed: int, prompts: list) -> dict:
+def _distill_stage(out: Path, seed: int, prompts: list, restart: bool = False) -> dict:
     """generate -> filter -> export with the scripted R1-style teacher on synthetic prompts."""
     from data_recipes.distill_filters import FilterConfig
     from posttrain.embedded import build_tokenizer
@@ -145,9 +145,11 @@ def _distill_stage(out: Path, seed: int, prompts: list) -> dict:
     from posttrain.engines import SamplingConfig
     from posttrain.stages.distill_export import export
     from posttrain.stages.distill_filter import run_filter
-    from posttrain.stages.distill_generate import generate
+    from posttrain.stages.distill_generate import generate, remove_generated
 
     teacher = ScriptedTeacher(build_tokenizer())
+    if restart:
+        remove_generated(out / "distill" / "generated")
     t = time.perf_counter()
     # No system prompt: on a tiny model trained on a CPU, R1's 60-token system prompt would be a
     # third of every sample's compute and teach nothing the format does not.
@@ -178,7 +180,7 @@ def _demo_prompts(seed: int) -> tuple[list, list]:
     return distinct[HELDOUT_PROMPTS:HELDOUT_PROMPTS + DISTILL_PROMPTS], distinct[:HELDOUT_PROMPTS]
 
 
-def _sft_stage(out: Path, seed: int, heldout: list) -> dict:
+def _sft_stage(out: Path, seed: int, heldout: list, restart: bool = False) -> dict:
     """configs/sft/tiny.yaml on the exported distillation data; greedy held-out accuracy before/after."""
     from posttrain.config import apply_overrides, load_yaml
     from posttrain.engines.torch_engine import TorchEngine
@@ -195,7 +197,7 @@ def _sft_stage(out: Path, seed: int, heldout: list) -> dict:
     cfg = sft_config(data)
     print(f"[sft] training the tiny model on {out / 'distill' / 'sft.jsonl'} "
           f"({cfg.train.max_steps} steps of {cfg.train.batch_size} x {cfg.data.max_length} packed tokens)")
-    result = run_sft(cfg)
+    result = run_sft(cfg, restart=restart)
     after = greedy_accuracy(TorchEngine.from_checkpoint(out / "sft" / "final", batch_size=50), heldout)
     wall = time.perf_counter() - t
     print(f"[sft] {result['steps']} steps, {result['tokens_per_s']:.0f} tokens/s; greedy accuracy on "
@@ -207,7 +209,7 @@ def _sft_stage(out: Path, seed: int, heldout: list) -> dict:
             "steps": result["steps"], "heldout": len(heldout), "packing_efficiency": result["data"]["packing_efficiency"]}
 
 
-def _rm_stage(out: Path, seed: int) -> dict:
+def _rm_stage(out: Path, seed: int, restart: bool = False) -> dict:
     """configs/rm/tiny.yaml: a reward model from the SFT checkpoint on verified-vs-wrong pairs
     from the distillation output; accuracy on held-out pairs."""
     from posttrain.config import apply_overrides, load_yaml
@@ -218,7 +220,7 @@ def _rm_stage(out: Path, seed: int) -> dict:
     data = apply_overrides(load_yaml(shipped_config("rm", "tiny.yaml")), [
         f"model.path={out / 'sft' / 'final'}", f"data.train.0.path=distill:{out / 'distill' / 'filtered'}",
         f"output_dir={out / 'rm'}", f"train.seed={seed}", "train.progress=false"])
-    result = run_rm_train(rm_config(data))
+    result = run_rm_train(rm_config(data), restart=restart)
     ev = result["eval"]
     print(f"[rm] Bradley-Terry reward model on {result['data']['pairs_train']} verified-vs-wrong pairs: held-out "
           f"accuracy {ev['accuracy']:.0%} on {ev['pairs']} pairs ({time.perf_counter() - t:.0f}s); "
@@ -227,7 +229,7 @@ def _rm_stage(out: Path, seed: int) -> dict:
             "pairs_eval": ev["pairs"], "wall_s": round(time.perf_counter() - t, 1)}
 
 
-def _grpo_stage(out: Path, seed: int, train_prompts: list, heldout: list) -> dict:
+def _grpo_stage(out: Path, seed: int, train_prompts: list, heldout: list, restart: bool = False) -> dict:
     """configs/grpo/tiny.yaml from the SFT checkpoint with the math rule reward, on the demo's
     training questions; greedy accuracy on the SFT stage's held-out set, same decoding."""
     from posttrain.config import apply_overrides, load_yaml
@@ -243,7 +245,7 @@ def _grpo_stage(out: Path, seed: int, train_prompts: list, heldout: list) -> dic
     cfg = grpo_config(data)
     print(f"[grpo] {cfg.iterations} iterations of {cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size} "
           f"samples, math rule reward, {cfg.engine} engine")
-    run = GRPORun(cfg, train_prompts, heldout)
+    run = GRPORun(cfg, train_prompts, heldout, restart=restart)
     try:
         result = run.run()
     finally:
@@ -256,14 +258,18 @@ def _grpo_stage(out: Path, seed: int, train_prompts: list, heldout: list) -> dic
             "reward_curve": str(out / "grpo" / "reward_curve.png")}
 
 
-def run_demo(out: Path, seed: int = 0) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+def run_demo(out: Path, seed: int = 0, overwrite: bool = False, restart: bool = False) -> dict:
+    from posttrain.outputs import claim_output
+    from posttrain.stages.configs import DemoConfig
+
+    claim = claim_output("demo", out, DemoConfig(str(out), seed), overwrite=overwrite, restart=restart)
+    restart = claim.state == "restart"
     summary: dict = {"model": _model_stage(out, seed), "reward": _reward_stage(seed)}
     train_prompts, heldout = _demo_prompts(seed)
-    summary["distill"] = _distill_stage(out, seed, train_prompts)
-    summary["sft"] = _sft_stage(out, seed, heldout)
-    summary["rm"] = _rm_stage(out, seed)
-    summary["grpo"] = _grpo_stage(out, seed, train_prompts, heldout)
+    summary["distill"] = _distill_stage(out, seed, train_prompts, restart)
+    summary["sft"] = _sft_stage(out, seed, heldout, restart)
+    summary["rm"] = _rm_stage(out, seed, restart)
+    summary["grpo"] = _grpo_stage(out, seed, train_prompts, heldout, restart)
     if PENDING_STAGES:
         summary["not_built_yet"] = list(PENDING_STAGES)
     atomic_write_json(out / "summary.json", summary)

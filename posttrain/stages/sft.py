@@ -9,13 +9,18 @@ peft's format, and `final` is the base with the adapter merged in.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from data_recipes.sft_data import SFTDataConfig, SourceSpec, collate, prepare
-from posttrain.config import build
+from posttrain.config import build, setting
+from posttrain.errors import all_rejected
+from posttrain.io_utils import atomic_write_json
+from posttrain.outputs import claim_output
+from posttrain.stages.common import local_inputs
 from posttrain.model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
 from posttrain.model.args import ConfigError
 from posttrain.train.config import TrainConfig
@@ -31,15 +36,15 @@ class ModelSection:
     path: str | None = None         # HF checkpoint directory to fine-tune
     config: str | None = None       # or a config.json to start from random weights
     tokenizer: str | None = None    # default: the checkpoint directory; "embedded" = the local one
-    dtype: str = "float32"          # master weights; compute precision is train.mixed_precision
+    dtype: str = setting("float32", choices=("float32", "bfloat16", "float16"))  # master weights
 
 
 @dataclass
 class LoraSection:
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = setting(16, ge=1)
+    alpha: int = setting(32, ge=1)
+    dropout: float = setting(0.0, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: list(LORA_MODULES))
     target_experts: bool = True     # LoRA on the routed experts' stacked weights too
 
@@ -47,10 +52,10 @@ class LoraSection:
 @dataclass
 class DataSection:
     sources: list[SourceSpec] = field(default_factory=list)
-    max_length: int = 4096
-    overlong: str = "drop"
+    max_length: int = setting(4096, ge=2)
+    overlong: str = setting("drop", choices=("drop", "truncate"))
     pack: bool = True
-    num_proc: int = 2
+    num_proc: int = setting(2, ge=1)
     cache_dir: str = ".cache/posttrain/sft"
 
 
@@ -63,14 +68,39 @@ class SFTConfig:
     output_dir: str = "runs/sft"
 
 
+# how a run is watched and where its caches live, not what it computes: a rerun may change them
+SFT_IGNORES = TrainConfig.RESUME_IGNORES + ("data.num_proc", "data.cache_dir")
+
+
 def sft_config(data: dict) -> SFTConfig:
-    cfg = build(SFTConfig, data)
+    return check_sft(build(SFTConfig, data))
+
+
+def check_sft(cfg: SFTConfig) -> SFTConfig:
+    """What a field alone cannot say; the loop writes under output_dir."""
     cfg.train.out_dir = cfg.output_dir
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: list at least one {path, weight}")
+    if not any(s.weight > 0 for s in cfg.data.sources):
+        raise ConfigError("data.sources: every weight is 0, so there is nothing to train on")
     if not (cfg.model.path or cfg.model.config):
         raise ConfigError("model.path (a checkpoint) or model.config (a config.json) is required")
     return cfg
+
+
+def claim_training_output(stage: str, cfg, inputs, overwrite: bool, restart: bool, ignore) -> str:
+    """The output directory of a training stage: refused unless new, this stage's with the same
+    settings (the run resumes), or restarted (its own checkpoints are removed first)."""
+    claim = claim_output(stage, cfg.output_dir, cfg, local_inputs(*inputs), overwrite=overwrite, restart=restart,
+                         ignore=ignore)
+    if claim.state == "restart":
+        from posttrain.outputs import remove_owned
+        from posttrain.train.loop import CHECKPOINT_MARKER
+
+        for path in (Path(cfg.output_dir) / "checkpoints").glob("step-*"):
+            remove_owned(path, CHECKPOINT_MARKER)
+        (Path(cfg.output_dir) / "checkpoints" / "latest").unlink(missing_ok=True)
+    return claim.state
 
 
 def load_tokenizer(spec: str | None, model_path: str | None, vocab_size: int):
@@ -116,7 +146,10 @@ def apply_lora(model: Transformer, lora: LoraSection, modules_to_save: list[str]
     return get_peft_model(model, cfg)
 
 
-def run_sft(cfg: SFTConfig) -> dict:
+def run_sft(cfg: SFTConfig, overwrite: bool = False, restart: bool = False) -> dict:
+    check_sft(cfg)
+    claim_training_output("sft", cfg, [s.path for s in cfg.data.sources] + [cfg.model.path, cfg.model.config],
+                          overwrite, restart, SFT_IGNORES)
     torch.manual_seed(cfg.train.seed)  # a model started from a config is initialised reproducibly
     model, args = load_model(cfg.model)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, args.vocab_size)
@@ -132,7 +165,10 @@ def run_sft(cfg: SFTConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if process_state().is_main_process:
-        (out / "data_stats.json").write_text(json.dumps(prepared.stats, indent=2))
+        atomic_write_json(out / "data_stats.json", prepared.stats)
+        shutil.copyfile(prepared.path / "rejects.jsonl", out / "data_rejects.jsonl")
+    if prepared.stats["samples_kept"] == 0:
+        raise all_rejected("samples", prepared.stats["samples"], out / "data_rejects.jsonl")
     trained = apply_lora(model, cfg.lora) if cfg.lora.enabled else model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(trained, cfg.train, lm_loss(cfg.train.mtp_weight),
@@ -146,4 +182,29 @@ def run_sft(cfg: SFTConfig) -> dict:
             save_checkpoint(final.merge_and_unload(), args, out / "final", tokenizer=tokenizer)
     else:  # every process takes part: a sharded model is gathered as it is written
         trainer.export(out / "final", args, tokenizer=tokenizer)
+    if trainer.is_main:
+        write_training_provenance(out / "final", prepared.stats)
     return {**result, "data": prepared.stats, "final": str(out / "final")}
+
+
+PROVENANCE = "posttrain-training.json"
+
+
+def write_training_provenance(final: Path, stats: dict) -> None:
+    """What the checkpoint was trained on that later stages need: the system prompt its data
+    used (GRPO samples with the same one by default)."""
+    prompts = stats.get("system_prompts") or []
+    top = prompts[0] if prompts else None
+    atomic_write_json(final / PROVENANCE, {
+        # the prompt most samples were trained with; None when most had none
+        "system_prompt": top["system_prompt"] if top else None,
+        "system_prompts": prompts, "samples": stats.get("samples_kept")})
+
+
+def trained_system_prompt(checkpoint: str | Path) -> tuple[bool, str | None]:
+    """(known, system prompt) a checkpoint was trained with, from its provenance file."""
+    path = Path(checkpoint) / PROVENANCE
+    try:
+        return True, json.loads(path.read_text()).get("system_prompt")
+    except (OSError, ValueError):
+        return False, None

@@ -32,12 +32,15 @@ import numpy as np
 import torch
 
 from posttrain.io_utils import truncate_jsonl
+from posttrain.outputs import OutputError, owned_by, remove_owned
+from posttrain.model.kernels.selection import select as select_kernels
 from posttrain.model.moe import RoutingSegments, routing_segments_of, update_router_bias
 
 from .config import TrainConfig
 from .optim import build_optimizer, build_scheduler
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+CHECKPOINT_MARKER = "posttrain-checkpoint"   # in each step-* directory this loop writes
 
 
 def process_state():
@@ -183,6 +186,7 @@ class Trainer:
                                        cpu=not torch.cuda.is_available(),
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         torch.manual_seed(cfg.seed)
+        select_kernels(cfg.kernels)  # which implementation runs each op, from the config
         self.model = model       # the model being trained (a peft model with LoRA)
         if cfg.fp8:  # before the optimizer: the switch is in place, parameters are unchanged
             from posttrain.model.fp8_training import enable_fp8_training
@@ -260,9 +264,17 @@ class Trainer:
         pointer = self.ckpt_dir / "latest"
         if pointer.exists():
             path = self.ckpt_dir / pointer.read_text().strip()
-            if (path / "state.json").exists():
+            if (path / "state.json").exists() and owned_by(path, CHECKPOINT_MARKER):
                 return path
         return None
+
+    def remove_checkpoints(self) -> None:
+        """Start over (a stage's --restart): remove this loop's checkpoints, nothing else."""
+        if not self.accelerator.is_main_process or not self.ckpt_dir.is_dir():
+            return
+        for path in self.ckpt_dir.glob("step-*"):
+            remove_owned(path, CHECKPOINT_MARKER)
+        (self.ckpt_dir / "latest").unlink(missing_ok=True)
 
     def save(self) -> Path:
         """Write the full training state under a temporary name, then rename; update `latest`.
@@ -276,7 +288,7 @@ class Trainer:
         # one temporary name for all processes (they may all write into it)
         tmp = self.ckpt_dir / f".step-{self.step:08d}.tmp"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # this loop's own temporary name
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         if self.sharded:
@@ -294,14 +306,17 @@ class Trainer:
             if self.sharded:
                 state["layout"] = self.layout
             (tmp / "state.json").write_text(json.dumps(state))
-            if path.exists():
-                shutil.rmtree(path)
+            (tmp / CHECKPOINT_MARKER).write_text("written by posttrain's training loop\n")
+            if path.exists() and not remove_owned(path, CHECKPOINT_MARKER):
+                raise OutputError(f"{path} exists and is not a checkpoint of this loop; move it away")
             os.replace(tmp, path)
             pointer_tmp = self.ckpt_dir / f".latest.tmp-{os.getpid()}"
             pointer_tmp.write_text(path.name)
             os.replace(pointer_tmp, self.ckpt_dir / "latest")
-            for old in sorted(self.ckpt_dir.glob("step-*"))[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            # rotation touches only checkpoints this loop wrote (they carry its marker)
+            ours = sorted(p for p in self.ckpt_dir.glob("step-*") if owned_by(p, CHECKPOINT_MARKER))
+            for old in ours[:-self.cfg.keep_checkpoints]:
+                remove_owned(old, CHECKPOINT_MARKER)
         acc.wait_for_everyone()
         return path
 

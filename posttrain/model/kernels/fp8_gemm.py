@@ -16,16 +16,15 @@ programs share b's column tiles in L2.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 from . import reference as ref
+from . import selection
 from .quant import HAVE_TRITON, build, m_bucket, require_triton
 from .reference import BLOCK, cdiv
 
-ENV_VAR = "POSTTRAIN_FP8_GEMM"
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper. An fp8 operand tile of 128 x 128 is
@@ -282,18 +281,16 @@ def fp8_matmul(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: tor
     """c = a @ b.T on whatever runs here: cuBLAS blockwise (probed once) on Hopper when the
     shape qualifies, else the Triton kernel on CUDA (SM89+), else the torch reference.
 
-    POSTTRAIN_FP8_GEMM=cublas|triton|torch forces one implementation (errors are not caught
-    then); unset or "auto" chooses as above.
+    The kernel selection (`train.kernels.fp8_gemm`, kernels/selection.py) may force one
+    implementation (cublas, triton or torch; errors are not caught then).
     """
-    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    mode = selection.active().fp8_gemm
     if mode == "torch":
         return ref.fp8_gemm(a_q, a_s, b_q, b_s, out_dtype, b_block)
     if mode == "triton":
         return fp8_gemm(a_q, a_s, b_q, b_s, out_dtype, b_block)
     if mode == "cublas":
         return scaled_mm_blockwise(a_q, a_s, b_q, b_s, out_dtype, b_block)
-    if mode != "auto":
-        raise ValueError(f"{ENV_VAR}={mode!r}: expected cublas, triton, torch or auto")
     if not a_q.is_cuda:
         return ref.fp8_gemm(a_q, a_s, b_q, b_s, out_dtype, b_block)
     ref.check_gemm_args(a_q, a_s, b_q, b_s)
@@ -307,4 +304,4 @@ def fp8_matmul(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: tor
 
 
 __all__ = ["fp8_gemm", "scaled_mm_blockwise", "scaled_mm_unsupported_reason", "ScaledMMUnsupported",
-           "cublas_blockwise_works", "fp8_matmul", "ENV_VAR"]
+           "cublas_blockwise_works", "fp8_matmul"]

@@ -40,6 +40,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import selection
+
 from .grouped_reference import (QBLOCK, PaddedLayout, check_fp8_wgrad_offsets,  # noqa: F401 (re-exported)
                                 grouped_gemm_fp8_reference, grouped_gemm_reference,
                                 grouped_gemm_wgrad_fp8_reference, grouped_gemm_wgrad_reference,
@@ -526,13 +528,12 @@ def _on_gpu(*tensors: torch.Tensor) -> bool:
 
 
 # On Hopper, `grouped_fp8` runs the warp-specialised Gluon kernel of grouped_wgmma.py when the
-# operands allow it; benchmarks set this to False to time the Triton kernel in the same run.
-USE_WGMMA = True
+# operands allow it (kernels.grouped_fp8 = auto or gluon); triton times the Triton kernel instead.
 WGMMA_DISABLED_BECAUSE: str | None = None  # why the Gluon kernel was given up, if it was
 
 
 def _wgmma_applies(xq: torch.Tensor, wq: torch.Tensor) -> bool:
-    if not USE_WGMMA or WGMMA_DISABLED_BECAUSE is not None:
+    if selection.active().grouped_fp8 == "triton" or WGMMA_DISABLED_BECAUSE is not None:
         return False
     if torch.cuda.get_device_capability(xq.device)[0] != 9:
         return False
@@ -553,6 +554,11 @@ def grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.
     global WGMMA_DISABLED_BECAUSE
     if not _on_gpu(xq, wq):
         return grouped_gemm_fp8_reference(xq, xs, wq, ws, offsets, out_dtype)
+    forced = selection.active().grouped_fp8 == "gluon"
+    if forced and not _wgmma_applies(xq, wq):
+        raise RuntimeError("kernels.grouped_fp8=gluon: the Gluon kernel needs a Hopper GPU and contiguous operands "
+                           "with K % 16 == 0 and N % 8 == 0" + (f" (given up: {WGMMA_DISABLED_BECAUSE})"
+                                                                 if WGMMA_DISABLED_BECAUSE else ""))
     if _wgmma_applies(xq, wq):
         from .grouped_wgmma import grouped_gemm_fp8_wgmma
         try:
@@ -560,6 +566,8 @@ def grouped_fp8(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # an older/newer Gluon API: fall back, but say so
+            if forced:
+                raise
             import warnings
             WGMMA_DISABLED_BECAUSE = f"{type(exc).__name__}: {exc}"[:500]
             warnings.warn("the Gluon grouped FP8 kernel is unavailable, using the Triton kernel: "

@@ -1,0 +1,12 @@
+"""Errors a user can fix, reported by the CLI as one line (the path or key, and the fix) with
+exit status 2. Others keep their traceback."""
+
+from __future__ import annotations
+
+
+class DataError(RuntimeError):
+    """The input data cannot be used as a whole (every record rejected, an unreadable file)."""
+
+
+def all_rejected(what: str, count: int, rejects_file) -> DataError:
+    return DataError(f"all {count} {what} were rejected; the reasons are in {rejects_file}")
