@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import setting
+from posttrain.errors import DataError
 from posttrain.io_utils import read_jsonl
 from reward.math_answer import gsm8k_gold
 
@@ -73,10 +74,17 @@ def read_table(source: str) -> Iterator[tuple[int, dict | None, str | None]]:
         return
     import datasets
 
-    if path.suffix == ".parquet":
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    elif path.is_dir():
-        ds = datasets.load_from_disk(str(path))
+    if path.suffix == ".parquet" or path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(f"{source}: no such file or directory")
+        try:
+            if path.suffix == ".parquet":
+                ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            else:
+                ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - a corrupt file or a directory of something else: one line
+            raise DataError(f"{source}: not a readable {'parquet file' if path.suffix == '.parquet' else 'saved HF dataset'}"
+                            f" ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     elif source.startswith("hf:"):  # hf:name[:config][@split]

@@ -433,7 +433,9 @@ def _load_prepared(path: Path):
 
     if (path / "packed.arrow").exists():
         return datasets.Dataset.from_file(str(path / "packed.arrow"))
-    return datasets.load_from_disk(str(path / "data"))
+    if (path / "data").exists():
+        return datasets.load_from_disk(str(path / "data"))
+    return None  # nothing was usable (stats.json and rejects.jsonl say why)
 
 
 @dataclass
@@ -479,6 +481,14 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
                  p.map(_as_row_json, batched=True, remove_columns=p.column_names, desc="rows") for p in parts]
 
     mixture = datasets.concatenate_datasets(parts)
+    if len(mixture) == 0:  # nothing readable: no tokenization; the reasons go back to the stage
+        stats = {"sources": per_source, "samples": 0, "samples_kept": 0, "rejected": len(read_rejects),
+                 "reject_reasons": dict(Counter(r["reason"].split(":")[0] for r in read_rejects)),
+                 "system_prompts": [], "rows": 0, "tokens": 0, "fingerprint": key}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in read_rejects))
+        (out / "stats.json").write_text(json.dumps(stats, indent=2))
+        return PreparedData(None, stats, out)
     samples = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
     max_len, truncate = cfg.max_length, cfg.overlong == "truncate"
 

@@ -144,6 +144,7 @@ def build(cls, data: dict | None, where: str = ""):
         if "internal" in fields[name].metadata:
             raise ConfigError(f"{where}{name} is not set by hand: {fields[name].metadata['internal']}")
         kwargs[name] = _convert(hints[name], value, where + name)
+        _check_value(fields[name], kwargs[name], where + name)  # before a __post_init__ compares fields
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as e:  # a dataclass's own __post_init__ check
@@ -226,20 +227,24 @@ def check(obj, where: str = "") -> None:
             for i, v in enumerate(value):
                 if dataclasses.is_dataclass(v):
                     check(v, f"{path}.{i}.")
-        meta = f.metadata
-        if not meta or value is None:
-            continue
-        if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{path}={_show(value)}: one of {', '.join(map(str, meta['choices']))}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{path}={_show(value)}: expected a finite number")
-            for op, bound, ok in (("ge", ">=", value >= meta.get("ge", -math.inf)),
-                                  ("gt", ">", value > meta.get("gt", -math.inf)),
-                                  ("le", "<=", value <= meta.get("le", math.inf)),
-                                  ("lt", "<", value < meta.get("lt", math.inf))):
-                if op in meta and not ok:
-                    raise ConfigError(f"{path}={_show(value)}: must be {bound} {meta[op]}")
+        _check_value(f, value, path)
+
+
+def _check_value(f: dataclasses.Field, value, path: str) -> None:
+    meta = f.metadata
+    if not meta or value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{path}={_show(value)}: one of {', '.join(map(str, meta['choices']))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}={_show(value)}: expected a finite number")
+        for op, bound, ok in (("ge", ">=", value >= meta.get("ge", -math.inf)),
+                              ("gt", ">", value > meta.get("gt", -math.inf)),
+                              ("le", "<=", value <= meta.get("le", math.inf)),
+                              ("lt", "<", value < meta.get("lt", math.inf))):
+            if op in meta and not ok:
+                raise ConfigError(f"{path}={_show(value)}: must be {bound} {meta[op]}")
 
 
 def _show(value) -> str:

@@ -9,4 +9,7 @@ class DataError(RuntimeError):
 
 
 def all_rejected(what: str, count: int, rejects_file) -> DataError:
+    """Nothing usable was read: say how many were rejected and where the reasons are."""
+    if count == 0:
+        return DataError(f"no {what} to read (the input is empty)")
     return DataError(f"all {count} {what} were rejected; the reasons are in {rejects_file}")

@@ -134,10 +134,11 @@ def claim_output(stage: str, out: str | Path, config, inputs: list[str | Path] =
             state = "restart"
         else:
             state = "restart" if restart else "resume"
-    if is_dir:
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        (out if is_dir else out.parent).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output ({e.strerror}); choose a writable output path") from None
+    write_in_place(out if is_dir else out.parent)
     atomic_write_json(rec_path, {"stage": stage, "config": config_dict, "inputs": prints})
     atomic_write_text(config_path(out, is_dir), dump_yaml(config))
     return Claim(out, is_dir, state, previous, notes)

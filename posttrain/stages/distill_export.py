@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.config import setting
-from posttrain.io_utils import atomic_write_text
+from posttrain.errors import all_rejected
+from posttrain.io_utils import atomic_write_text, read_jsonl
 from posttrain.outputs import claim_output
 from posttrain.stages.common import local_inputs, require, text_option
 
@@ -77,12 +78,26 @@ def _rows(kept: list[dict], kinds: str, system_prompt: str | None) -> list[dict]
     return rows
 
 
-def read_kept(source: Path) -> list[dict]:
+REQUIRED = {"prompt_id": (str, int), "problem": str, "completion": str, "id": (str, int)}
+
+
+def read_kept(source: Path) -> tuple[list[dict], list[dict]]:
+    """(records, rejects with the reason) from a `distill filter` output."""
     path = source / "kept.jsonl" if source.is_dir() else source
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: export reads the output of `distill filter`")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: export reads kept.jsonl of `distill filter`")
+    records, rejects = [], []
+    for n, rec, why, raw in read_jsonl(path, raw=True):
+        if rec is not None:
+            why = next((f"missing or mistyped field {k!r}" for k, t in REQUIRED.items() if not isinstance(rec.get(k), t)),
+                       None)
+        if why:
+            rejects.append({"file": str(path), "line": n, "reason": why, "text": raw})
+        else:
+            records.append(rec)
+    return records, rejects
 
 
 def export(source: Path, out: Path, fmt: str = "jsonl", kinds: str = "r1", system_prompt: str | None = KEEP) -> dict:
@@ -90,8 +105,15 @@ def export(source: Path, out: Path, fmt: str = "jsonl", kinds: str = "r1", syste
         raise ValueError(f"format must be jsonl, parquet or hf, got {fmt!r}")
     if kinds not in ("r1", "both"):
         raise ValueError(f"kinds must be r1 or both, got {kinds!r}")
-    rows = _rows(read_kept(source), kinds, system_prompt)
+    kept, rejects = read_kept(source)
+    rejects_path = (out / "rejects.jsonl") if fmt == "hf" else out.with_name(out.name + ".rejects.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        out.mkdir(exist_ok=True)
+    atomic_write_text(rejects_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    if not kept:
+        raise all_rejected("records", len(rejects), rejects_path)
+    rows = _rows(kept, kinds, system_prompt)
     if fmt == "jsonl":
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     else:
@@ -109,6 +131,7 @@ def export(source: Path, out: Path, fmt: str = "jsonl", kinds: str = "r1", syste
     used = Counter(r["system_prompt"] for r in rows if r["kind"] == "r1")
     summary = {"rows": len(rows), "r1": sum(r["kind"] == "r1" for r in rows),
                "original": sum(r["kind"] == "original" for r in rows), "format": fmt, "output": str(out),
+               "rejected": len(rejects), "rejects_file": str(rejects_path),
                "system_prompts": [{"system_prompt": k, "rows": v} for k, v in used.most_common()],
                "system_prompt_policy": "kept from generation" if system_prompt == KEEP else
                ("none" if system_prompt is None else "replaced")}

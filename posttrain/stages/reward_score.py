@@ -134,8 +134,8 @@ def score_file(reward_name: str, data: Path, out: Path, mapping: dict[str, str] 
     os.replace(tmp, out)
     rejects_path = out.with_name(out.name + ".rejects.jsonl")
     atomic_write_text(rejects_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
-    if rejects and not records:
-        raise all_rejected("lines", len(rejects), rejects_path)
+    if not records:
+        raise all_rejected(f"lines in {data}", len(rejects), rejects_path)
     valid = [s for s in scores if s is not None and not math.isnan(s)]
     failures = Counter(why for s, why in zip(scores, reasons) if why and (s is None or s < 1.0))
     summary = {

@@ -168,7 +168,8 @@ def run_sft(cfg: SFTConfig, overwrite: bool = False, restart: bool = False) -> d
         atomic_write_json(out / "data_stats.json", prepared.stats)
         shutil.copyfile(prepared.path / "rejects.jsonl", out / "data_rejects.jsonl")
     if prepared.stats["samples_kept"] == 0:
-        raise all_rejected("samples", prepared.stats["samples"], out / "data_rejects.jsonl")
+        raise all_rejected("samples", max(prepared.stats["samples"], prepared.stats["rejected"]),
+                           out / "data_rejects.jsonl")
     trained = apply_lora(model, cfg.lora) if cfg.lora.enabled else model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(trained, cfg.train, lm_loss(cfg.train.mtp_weight),

@@ -26,18 +26,20 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.config import setting
+
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 
 
 @dataclass
 class GRPOLossConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.28            # = clip_low for the symmetric PPO clip
-    beta: float = 0.0                  # k3 KL weight; 0 = no reference model is needed
-    aggregation: str = "dapo"
-    max_completion_len: int = 1024     # dr_grpo's constant normaliser
-    tis_cap: float | None = 2.0        # truncated importance sampling; None = off
+    clip_low: float = setting(0.2, ge=0, lt=1)
+    clip_high: float = setting(0.28, ge=0)   # = clip_low for the symmetric PPO clip
+    beta: float = setting(0.0, ge=0)         # k3 KL weight; 0 = no reference model is needed
+    aggregation: str = setting("dapo", choices=AGGREGATIONS)
+    max_completion_len: int = setting(1024, ge=1)   # dr_grpo's constant normaliser
+    tis_cap: float | None = setting(2.0, ge=1)      # truncated importance sampling; None = off
 
     def validate(self) -> "GRPOLossConfig":
         if self.aggregation not in AGGREGATIONS:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from posttrain.errors import DataError
 from posttrain.io_utils import truncate_jsonl
 from posttrain.outputs import OutputError, owned_by, remove_owned
 from posttrain.model.kernels.selection import select as select_kernels
@@ -407,7 +408,10 @@ class Trainer:
 
     def fit(self, rows, resume: bool = True) -> dict:
         cfg, acc = self.cfg, self.accelerator
-        plan = BatchPlan(len(rows), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
+        try:
+            plan = BatchPlan(len(rows), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
+        except ValueError as e:
+            raise DataError(f"{e}: lower train.batch_size or give more data") from None
         total = self.total_steps(plan)
         self.scheduler = build_scheduler(self.optimizer, cfg, total)
         latest = self.latest_checkpoint() if resume else None
