@@ -73,17 +73,41 @@ def test_stop_token_ends_a_sequence_and_is_kept():
 
 
 def test_sampling_is_seeded_and_top_p_truncates():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draws = {sample_next(logits, SamplingParams(top_p=0.7), torch.Generator().manual_seed(s)).item()
-             for s in range(200)}
+    from posttrain.model.generate import row_keys
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(400, 4)
+    keys = row_keys(list(range(400)), "cpu")
+    draws = set(sample_next(logits, SamplingParams(top_p=0.7), keys, 0)[0].tolist())
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
-    draws_k = {sample_next(logits, SamplingParams(top_k=1, temperature=1.5), torch.Generator().manual_seed(s)).item()
-               for s in range(50)}
+    draws_k = set(sample_next(logits, SamplingParams(top_k=1, temperature=1.5), keys, 3)[0].tolist())
     assert draws_k == {0}
     args = small_args()
     model = randomize_(Transformer(args), seed=15)
     p = SamplingParams(max_new_tokens=8, temperature=1.0, seed=123)
     assert generate(model, [[1, 2, 3]], p)[0].token_ids == generate(model, [[1, 2, 3]], p)[0].token_ids
+
+
+def test_sampled_tokens_follow_the_processed_distribution():
+    """Gumbel-max on hashed noise draws each token with its probability (chi-square over 60,000
+    draws: rows x steps), after temperature and top-k; the reported log-prob is that of the
+    processed distribution, and a row's draws do not depend on the rows beside it."""
+    from posttrain.model.generate import row_keys
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 12, generator=g) * 2
+    params = SamplingParams(temperature=0.7, top_k=9)
+    keys = row_keys([1000 + i for i in range(2000)], "cpu")
+    counts = torch.zeros(12)
+    for step in range(30):
+        token, logp = sample_next(logits.expand(2000, 12), params, keys, step)
+        counts += torch.bincount(token, minlength=12).float()
+        z = (logits / 0.7).masked_fill(logits < logits.topk(9).values[0, -1], float("-inf"))
+        assert torch.allclose(logp, z.log_softmax(-1)[0, token], atol=1e-6)
+    probs = (logits / 0.7).masked_fill(logits < logits.topk(9).values[0, -1], float("-inf")).softmax(-1)[0]
+    assert counts[probs == 0].sum() == 0
+    expected = probs[probs > 0] * counts.sum()
+    chi2 = float(((counts[probs > 0] - expected) ** 2 / expected).sum())
+    assert chi2 < 27.9, chi2          # 8 degrees of freedom: p = 0.0005
+    alone = sample_next(logits.expand(3, 12), params, keys[[5, 17, 1999]], 4)[0]
+    assert alone.tolist() == sample_next(logits.expand(2000, 12), params, keys, 4)[0][[5, 17, 1999]].tolist()
 
 
 def test_bad_sampling_params_and_overlong_requests_are_rejected():

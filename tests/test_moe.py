@@ -87,7 +87,8 @@ def test_moe_layer_equals_dense_per_token_computation():
     x = torch.randn(2, 11, args.hidden_size)
     y = moe(x)
     flat = x.reshape(-1, args.hidden_size)
-    w, idx, _ = moe.gate(flat)
+    r = moe.gate(flat)
+    w, idx = r.weights, r.idx
     ref = torch.zeros_like(flat)
     for n in range(flat.shape[0]):
         for k in range(idx.shape[1]):

@@ -33,6 +33,7 @@ class SamplingConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int = 0
     logprobs: bool = False
+    routed_experts: bool = False              # each token's experts per MoE layer (engines that can)
 
     def validate(self) -> "SamplingConfig":
         if self.n < 1:
@@ -54,7 +55,12 @@ class Sample:
     text: str
     token_ids: list[int]
     finish_reason: str                    # "stop" (eos, stop token or stop string) | "length"
-    logprobs: list[float] | None = None   # of each generated token, when asked
+    # of each generated token under the distribution it was sampled from (after temperature
+    # and top-k / top-p), when asked; every engine defines them so
+    logprobs: list[float] | None = None
+    # when asked: the experts each MoE layer routed every processed token to, prompt tokens
+    # then generated ones but the last, [len(prompt) + len(token_ids) - 1, MoE layers, K]
+    routed_experts: Any = None
 
 
 def sample_seed(prompt_seed: int, index: int) -> int:

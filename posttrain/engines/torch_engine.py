@@ -15,14 +15,15 @@ from .base import Engine, Prompt, Sample, SamplingConfig, cut_at_stop, render_pr
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, model: Transformer, tokenizer, batch_size: int = 16, model_name: str = "model"):
+    def __init__(self, model: Transformer, tokenizer, batch_size: int | None = None, model_name: str = "model"):
+        """batch_size: rows decoded together (None: every row of a call at once)."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.model_name = batch_size, model_name
         self.max_model_len = model.args.max_position_embeddings
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        batch_size: int = 16) -> "TorchEngine":
+                        batch_size: int | None = None) -> "TorchEngine":
         from transformers import AutoTokenizer
 
         model, _ = load_checkpoint(path, dtype=dtype, device=device)
@@ -43,15 +44,18 @@ class TorchEngine(Engine):
                                 top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stop_ids,
                                 logprobs=sampling.logprobs)
         out: list[list[Sample]] = [[] for _ in prompts]
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
+        step = self.batch_size or len(rows)
+        for start in range(0, len(rows), step):
+            batch = rows[start:start + step]
             gens = generate(self.model, [ids for _, ids, _ in batch], params,
-                            pad_token_id=self.tokenizer.pad_token_id, seeds=[s for _, _, s in batch])
+                            pad_token_id=self.tokenizer.pad_token_id, seeds=[s for _, _, s in batch],
+                            record_routing=sampling.routed_experts)
             for (i, _, _), g in zip(batch, gens):
-                out[i].append(self._sample(g.token_ids, g.finish_reason, g.logprobs, sampling.stop))
+                out[i].append(self._sample(g, sampling.stop))
         return out
 
-    def _sample(self, token_ids: list[int], finish: str, logprobs, stops: list[str]) -> Sample:
+    def _sample(self, g, stops: list[str]) -> Sample:
+        token_ids, finish, logprobs, routed = g.token_ids, g.finish_reason, g.logprobs, g.routed_experts
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         if stops:
             cut, found = cut_at_stop(text, stops)
@@ -60,4 +64,5 @@ class TorchEngine(Engine):
                          if cut_at_stop(self.tokenizer.decode(token_ids[:k], skip_special_tokens=True), stops)[1])
                 token_ids, text, finish = token_ids[:k], cut, "stop"
                 logprobs = logprobs[:k] if logprobs else logprobs
-        return Sample(text, list(token_ids), finish, logprobs)
+                routed = routed[:g.prompt_len + k - 1] if routed is not None else None
+        return Sample(text, list(token_ids), finish, logprobs, routed)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import Engine, Prompt, Sample, SamplingConfig, render_prompt, sample_rows
+from .base import Engine, EngineError, Prompt, Sample, SamplingConfig, render_prompt, sample_rows
 
 
 def vllm_available() -> bool:
@@ -45,17 +45,29 @@ def _half_precision(model: str | Path, dtype) -> bool:
     return name in ("bfloat16", "float16", "half", "bf16", "fp16")
 
 
+def _moe_layers(hf_config) -> list[int]:
+    """The decoder layers with routed experts, in order (DeepSeek-V3's layout)."""
+    first = getattr(hf_config, "first_k_dense_replace", 0) or 0
+    freq = getattr(hf_config, "moe_layer_freq", 1) or 1
+    return [i for i in range(hf_config.num_hidden_layers) if i >= first and i % freq == 0]
+
+
 class VLLMEngine(Engine):
     name = "vllm"
 
     def __init__(self, model: str | Path, dtype: str = "auto", max_model_len: int | None = None,
                  seed: int = 0, enforce_eager: bool = False, gpu_memory_utilization: float = 0.9,
-                 colocated: bool = False, kv_cache_gb: float | None = None, **llm_kwargs):
+                 colocated: bool = False, kv_cache_gb: float | None = None, capture_routing: bool = False,
+                 **llm_kwargs):
+        """capture_routing: make generate(..., routed_experts=True) return each token's experts
+        (for routing replay): vLLM's enable_return_routed_experts on GPU, vllm_routing.py's hooks
+        on CPU (engine core in this process, prefix caching off)."""
         try:
             import torch
         except ImportError as e:  # pragma: no cover - torch is a dependency
             raise RuntimeError("vLLM needs torch") from e
-        if colocated:  # the engine must share this process (and its memory) with the trainer
+        hooked = capture_routing and not torch.cuda.is_available()
+        if colocated or hooked:  # the engine must share this process (and its memory) with the trainer
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         elif not torch.cuda.is_available():
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -75,6 +87,15 @@ class VLLMEngine(Engine):
             # bf16/fp16; an fp32 engine (the exact-match tests, small models) needs the reference
             # CPU MLA backend instead, which vLLM only uses there when asked by name.
             kwargs.setdefault("attention_backend", "CPU_MLA")
+        if capture_routing and not hooked:
+            kwargs["enable_return_routed_experts"] = True
+        elif hooked:
+            kwargs["enable_prefix_caching"] = False   # a cached prefix is not recomputed: no routing for it
+            if not enforce_eager:   # the compiled graph must see the capture hook
+                from .vllm_routing import RoutingCapture
+
+                os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+                RoutingCapture.install_at_load()
         self.colocated = colocated
         if colocated:
             from .vllm_receivers import INPROC, register
@@ -86,6 +107,13 @@ class VLLMEngine(Engine):
             # what the trainer computes for the ratio and truncated importance sampling
             kwargs.setdefault("logprobs_mode", "processed_logprobs")
         self.llm = LLM(**kwargs)
+        self.capture_routing = capture_routing
+        self._routing = None
+        if hooked:
+            from .vllm_routing import RoutedRequests
+
+            self._routing = RoutedRequests(self.llm)
+        self._moe_layers = _moe_layers(self.llm.llm_engine.model_config.hf_config) if capture_routing else None
         self._sync = None
         self.tokenizer = self.llm.get_tokenizer()
         self.model_name = str(model)
@@ -105,6 +133,8 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         sampling.validate()
+        if sampling.routed_experts and not self.capture_routing:
+            raise EngineError("routed experts were asked for: construct VLLMEngine(..., capture_routing=True)")
         rows = sample_rows(prompts, sampling, seeds, self.prompt_ids)
         requests = [TokensPrompt(prompt_token_ids=ids) for _, ids, _ in rows]
         params = [SamplingParams(
@@ -115,15 +145,26 @@ class VLLMEngine(Engine):
             logprobs=0 if sampling.logprobs else None, skip_special_tokens=True,
         ) for _, _, seed in rows]
         owner = [i for i, _, _ in rows]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        result: list[list[Sample]] = [[] for _ in prompts]
-        for i, out in zip(owner, outputs):
-            o = out.outputs[0]
-            logprobs = None
-            if sampling.logprobs and o.logprobs is not None:
-                logprobs = [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)]
-            finish = "length" if o.finish_reason == "length" else "stop"
-            result[i].append(Sample(o.text, list(o.token_ids), finish, logprobs))
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            result: list[list[Sample]] = [[] for _ in prompts]
+            for i, out in zip(owner, outputs):
+                o = out.outputs[0]
+                logprobs = None
+                if sampling.logprobs and o.logprobs is not None:
+                    logprobs = [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)]
+                finish = "length" if o.finish_reason == "length" else "stop"
+                routed = None
+                if sampling.routed_experts:
+                    length = len(out.prompt_token_ids) + len(o.token_ids) - 1
+                    if self._routing is not None:
+                        routed = self._routing.routed(out.request_id, o.index, length)
+                    else:  # vLLM's own: every decoder layer, dense ones zero
+                        routed = o.routed_experts[:length, self._moe_layers]
+                result[i].append(Sample(o.text, list(o.token_ids), finish, logprobs, routed))
+        finally:
+            if self._routing is not None:
+                self._routing.clear()
         return result
 
     # ------------------------------------------------------------------ RL
@@ -160,4 +201,4 @@ class VLLMEngine(Engine):
         return result
 
     def close(self) -> None:
-        del self.llm
+        self.__dict__.pop("llm", None)

@@ -68,6 +68,19 @@ def route(
     return weights_NK * routed_scaling_factor, idx_NK
 
 
+def replay_routing(r: "Routing", idx_NK: torch.Tensor, use_N: torch.Tensor, norm_topk_prob: bool,
+                   routed_scaling_factor: float) -> "Routing":
+    """The routing with the given experts where use_N is True (R3, rollout routing replay):
+    the experts come from elsewhere (the engine that sampled the tokens), the gate weights from
+    this router's own affinities at those experts, normalised and scaled as `route` does, so
+    the router still learns through them. Elsewhere the router's own choice stands."""
+    idx = torch.where(use_N[:, None], idx_NK.to(r.idx.dtype), r.idx)
+    weights = r.scores.gather(1, idx)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return Routing(weights * routed_scaling_factor, idx, r.scores)
+
+
 class _RouterLogits(torch.autograd.Function):
     """x W^T in float32 from bf16 x and W, with the reference's float32 sums but on tensor cores.
 
@@ -165,14 +178,11 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate weights [N, K] fp32, expert ids [N, K], affinities [N, E] fp32)."""
-        r = self.select(x_ND)
-        return r.weights, r.idx, r.scores
-
-    def select(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_ND: torch.Tensor, valid_N: torch.Tensor | None = None) -> Routing:
         """The routing of x. On CUDA it runs fused (`_FusedRoute`) and also counts slots per
-        block, for `slot_layout` and the load counts (valid_N: count those tokens apart)."""
+        block, for `slot_layout` and the load counts (valid_N: count those tokens apart).
+        A module call, so that hooks from outside can record or replace the decision
+        (model/routing_replay.py)."""
         a = self.args
         logits = router_logits(x_ND, self.weight)
         bias = self.e_score_correction_bias.float()
@@ -376,7 +386,7 @@ class MoE(nn.Module):
         seq = sequence_ids(segment_ids_BT, B, T, x_BTD.device) if self.training else None
         # Without segments every token counts towards the loads, and the layout's counts serve.
         valid = seq.seq_N >= 0 if seq is not None and segment_ids_BT is not None else None
-        r = self.gate.select(x_ND, valid)
+        r = self.gate(x_ND, valid)
         layout = self.slot_layout(r)
         # On the GPU the combine adds the shared experts' output in its pass (one rounding, no
         # separate add); on CPU the add stays apart, so CPU numbers are those of the plain sum.

@@ -195,7 +195,7 @@ def parallelize(model: nn.Module, meshes: Meshes, mixed_precision: str = "no",
     fully_shard(model, mesh=meshes.dense, mp_policy=mp)
     # The stages call these entry points rather than forward(); FSDP must gather the root's
     # parameters (embedding, head, norm) around them too.
-    for method in ("compute", "score_tokens"):
+    for method in ("compute", "score_tokens", "token_logprobs"):
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
     model.parallel_meshes = meshes

@@ -189,6 +189,25 @@ class Transformer(nn.Module):
         out.balance_loss = self.balance_loss()
         return out
 
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       positions: torch.Tensor | None = None, temperature: float = 1.0,
+                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(input_ids[:, t + 1] | tokens <= t) under softmax(logits / temperature), float32
+        [B, T - 1], at the positions marked in `positions` [B, T - 1] (default all; 0 elsewhere),
+        and the entropy there when asked. Only the marked positions go through the LM head, in
+        chunks (token_logprobs.py): no [B, T, vocab] tensor is made."""
+        from .token_logprobs import chosen_token_logprobs
+
+        hidden = self.trunk(input_ids, attention_mask=attention_mask)[:, :-1]
+        B, T1 = hidden.shape[:2]
+        pos = torch.ones(B, T1, dtype=torch.bool, device=hidden.device) if positions is None else positions.bool()
+        logp, entropy = chosen_token_logprobs(self.lm_head, hidden[pos], input_ids[:, 1:][pos], self.args.vocab_size,
+                                              temperature, with_entropy)
+        out = hidden.new_zeros(B, T1, dtype=torch.float32).index_put((pos,), logp)
+        if entropy is not None:
+            entropy = hidden.new_zeros(B, T1, dtype=torch.float32).index_put((pos,), entropy)
+        return out, entropy
+
     def balance_loss(self) -> torch.Tensor | None:
         """alpha * the MoE layers' sequence-wise balance losses from the last training forward
         (any head: LM, scalar); None in eval mode or when alpha = 0.

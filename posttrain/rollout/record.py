@@ -15,6 +15,9 @@ class Rollout:
     text: str
     finish_reason: str                  # "stop" (eos / stop token / stop string) | "length"
     engine_logprobs: list[float] | None = None   # the engine's, of the sampled distribution
+    # the experts the engine routed each processed token to: [len(prompt_ids) +
+    # len(completion_ids) - 1, MoE layers, K] (numpy), for routing replay
+    routed_experts: Any = None
     columns: dict[str, Any] = field(default_factory=dict)    # the prompt's dataset columns
     rewards: dict[str, float | None] = field(default_factory=dict)  # per reward function; None = n/a
     reward: float | None = None         # weighted sum of the rewards that apply; None if none does
