@@ -40,4 +40,4 @@ def test_grpo_with_vllm_rollouts_stays_on_policy(policy_dir, tmp_path):
     for r in rows:
         assert r["weight_sync_s"] > 0                 # the trainer's weights went in before each rollout
         assert r["engine_logp_gap_max"] <= 1e-3       # and the engine computes what the trainer does
-        assert abs(r["tis_weight_mean"] - 1.0) <= 1e-3
+        assert abs(r["correction_weight_mean"] - 1.0) <= 1e-3

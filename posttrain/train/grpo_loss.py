@@ -1,23 +1,29 @@
-"""GRPO's objective, with the variants later work added, as pure tensor functions.
+"""GRPO's objective and the variants later work added, as pure tensor functions.
 
 For a prompt, G sampled completions o_1..o_G get rewards r_i; the advantage of every token of
-o_i is the group-normalised reward A_i = (r_i - mean_g r) / scale. With the per-token ratio
-rho = pi(o_t) / pi_old(o_t), the token loss is the clipped surrogate plus a KL penalty:
+o_i is the group-normalised reward A_i = (r_i - mean_g r) / scale. With the policy ratio
 
-    l_t = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * k3_t
-    k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1        (unbiased, always >= 0)
+    rho_t = pi(o_t) / pi_old(o_t)                                  ratio_level "token"
+    rho_t = exp(mean_t' log(pi(o_t') / pi_old(o_t')))  for all t   ratio_level "sequence" (GSPO)
 
-eps_high > eps_low is DAPO's clip-higher. When the rollout engine's log-probs differ from the
-trainer's (another kernel, another precision), the surrogate of each token is weighted by the
-truncated importance ratio min(pi_old / pi_rollout, cap) (detached).
+the token loss is a surrogate plus a KL penalty:
 
-Aggregation over the global batch (all ranks, all micro-batches), so that the loss does not
-depend on how the batch is split:
+    clip   l_t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)       (eps_high > eps_low: DAPO)
+    cispo  l_t = -sg(min(rho, cispo_cap)) A log pi(o_t)                     (MiniMax-M1's CISPO)
+    + beta * k3_t,  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1    (times rho with kl_bias_correction)
+
+The surrogate of each token is weighted by the engine-trainer mismatch correction
+(train/mismatch.py: truncated or masked importance sampling, IcePop) and, with
+`off_policy_mask`, dropped for sequences DeepSeek-V3.2's off-policy sequence mask rejects.
+These are the definitions of TRL's GRPOTrainer (tests/test_grpo_loss_trl.py compares them).
+
+Aggregation over the global batch (all processes, all micro-batches):
     grpo     (1/S) sum_i (1/|o_i|) sum_t l_it       per-sequence mean, then mean over sequences
     dapo     (1/T) sum_i sum_t l_it                 token-level: T = completion tokens in the batch
-    dr_grpo  (1/(S * L)) sum_i sum_t l_it           constant normaliser: L = max completion length
-`aggregate` returns one micro-batch's share given the global S and T; the shares of all
-micro-batches on all ranks sum to the loss above.
+    dr_grpo  (1/(S * L)) sum_i sum_t l_it           constant normaliser: L = the completion cap
+A micro-batch's `policy_loss` returns its *sum* (the numerator above) and `loss_normaliser`
+its share of the denominator; the training loop divides the sum of the sums by the sum of the
+normalisers over the whole step, so the loss does not depend on how the batch is split.
 """
 
 from __future__ import annotations
@@ -28,28 +34,40 @@ import torch
 
 from posttrain.config import setting
 
+from .mismatch import CORRECTION_LEVELS, CORRECTIONS, MismatchConfig, correction_weights, off_policy_sequence_mask
+
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
+RATIO_LEVELS = ("token", "sequence")
+SURROGATES = ("clip", "cispo")
 
 
 @dataclass
-class GRPOLossConfig:
+class GRPOLossConfig(MismatchConfig):
     clip_low: float = setting(0.2, ge=0, lt=1)
     clip_high: float = setting(0.28, ge=0)   # = clip_low for the symmetric PPO clip
+    ratio_level: str = setting("token", choices=RATIO_LEVELS)   # "sequence": GSPO
+    surrogate: str = setting("clip", choices=SURROGATES)
+    cispo_cap: float = setting(5.0, gt=0)    # CISPO's bound on the (detached) ratio
     beta: float = setting(0.0, ge=0)         # k3 KL weight; 0 = no reference model is needed
+    kl_bias_correction: bool = False         # multiply k3 by rho (TRL's use_bias_correction_kl)
     aggregation: str = setting("dapo", choices=AGGREGATIONS)
-    max_completion_len: int = setting(1024, ge=1)   # dr_grpo's constant normaliser
-    tis_cap: float | None = setting(2.0, ge=1)      # truncated importance sampling; None = off
+    # dr_grpo's constant normaliser; None: the completion cap (grpo.max_new_tokens), as TRL
+    max_completion_len: int | None = setting(None, ge=1)
 
     def validate(self) -> "GRPOLossConfig":
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        for key, allowed in (("aggregation", AGGREGATIONS), ("ratio_level", RATIO_LEVELS),
+                             ("surrogate", SURROGATES), ("correction", CORRECTIONS),
+                             ("correction_level", CORRECTION_LEVELS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError("need 0 <= clip_low < 1 and clip_high >= 0")
         if self.beta < 0:
             raise ValueError("beta must be >= 0")
-        if self.tis_cap is not None and self.tis_cap < 1:
-            raise ValueError("tis_cap must be >= 1 (or None)")
+        if self.aggregation == "dr_grpo" and self.max_completion_len is None:
+            raise ValueError("dr_grpo needs max_completion_len (the stage sets it to grpo.max_new_tokens)")
+        self.correction_bounds()  # raises on an empty interval
         return self
 
 
@@ -92,64 +110,96 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def token_losses(logp, old_logp, advantages, cfg: GRPOLossConfig, ref_logp=None, rollout_logp=None):
+def policy_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """rho [B, T] (token) or [B, 1] (sequence: the exponentiated mean log-ratio over the mask)."""
+    log_ratio = logp - old_logp
+    if level == "sequence":
+        m = mask.to(log_ratio.dtype)
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return torch.exp(log_ratio)
+
+
+def token_losses(logp, old_logp, advantages, mask, cfg: GRPOLossConfig, ref_logp=None, rollout_logp=None):
     """Per-token loss [B, T] and the pieces metrics need. `advantages` is [B] (per sequence)."""
     adv = advantages[:, None].to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)
-    clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high)
-    surrogate = torch.minimum(ratio * adv, clipped * adv)
-    tis = None
-    if rollout_logp is not None and cfg.tis_cap is not None:
-        tis = torch.clamp(torch.exp(old_logp - rollout_logp), max=cfg.tis_cap).detach()
-        surrogate = surrogate * tis
-    loss = -surrogate
-    kl = None
+    ratio = policy_ratio(logp, old_logp, mask, cfg.ratio_level)
+    parts = {"ratio": ratio}
+    if cfg.surrogate == "cispo":
+        loss = -torch.clamp(ratio, max=cfg.cispo_cap).detach() * adv * logp
+        parts["capped"] = (ratio > cfg.cispo_cap) & (adv > 0)
+    else:
+        clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high)
+        loss = -torch.minimum(ratio * adv, clipped * adv)
+        parts["clipped_low"] = (ratio < 1 - cfg.clip_low) & (adv < 0)
+        parts["clipped_high"] = (ratio > 1 + cfg.clip_high) & (adv > 0)
+    if cfg.off_policy_mask is not None:
+        sampling = rollout_logp if rollout_logp is not None else old_logp
+        keep = off_policy_sequence_mask(adv, logp, sampling, mask, cfg.off_policy_mask)
+        loss = loss * keep
+        parts["off_policy_kept"] = keep
+    if rollout_logp is not None and cfg.correction != "none":
+        weights = correction_weights(old_logp, rollout_logp, mask, cfg)
+        loss = loss * weights
+        parts["correction"] = weights
     if cfg.beta > 0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs the reference model's log-probs")
         kl = k3_kl(logp, ref_logp)
+        parts["kl"] = kl
+        if cfg.kl_bias_correction:
+            kl = kl * ratio
         loss = loss + cfg.beta * kl
-    return loss, {"ratio": ratio, "kl": kl, "tis": tis,
-                  "clipped_low": (ratio < 1 - cfg.clip_low) & (adv < 0),
-                  "clipped_high": (ratio > 1 + cfg.clip_high) & (adv > 0)}
+    return loss, parts
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, global_sequences: int,
-              global_tokens: int, max_completion_len: int) -> torch.Tensor:
-    """This micro-batch's share of the global loss (see the module docstring)."""
+def loss_normaliser(mask: torch.Tensor, aggregation: str, max_completion_len: int | None,
+                    sequences: int | None = None) -> float:
+    """This micro-batch's share of the aggregation's denominator (see the module docstring).
+    `sequences`: the rows that count (default all; a padding row contributes nothing)."""
+    S = mask.shape[0] if sequences is None else sequences
+    if aggregation == "grpo":
+        return float(S)
+    if aggregation == "dapo":
+        return float(mask.sum())
+    if aggregation == "dr_grpo":
+        return float(S * max_completion_len)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def aggregate_sum(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """The aggregation's numerator over this micro-batch."""
     m = mask.to(per_token.dtype)
-    if mode == "grpo":
-        per_seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
-        return per_seq.sum() / global_sequences
-    if mode == "dapo":
-        return (per_token * m).sum() / max(global_tokens, 1)
-    if mode == "dr_grpo":
-        return (per_token * m).sum() / (global_sequences * max_completion_len)
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    if aggregation == "grpo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).sum()
+    if aggregation in ("dapo", "dr_grpo"):
+        return (per_token * m).sum()
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
-def grpo_loss(logp, old_logp, advantages, mask, cfg: GRPOLossConfig, ref_logp=None, rollout_logp=None,
-              global_sequences: int | None = None, global_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
-    """(loss share, metrics). Without global counts the micro-batch is the whole batch."""
-    per_token, parts = token_losses(logp, old_logp, advantages, cfg, ref_logp, rollout_logp)
-    S = global_sequences if global_sequences is not None else logp.shape[0]
-    T = global_tokens if global_tokens is not None else int(mask.sum())
-    loss = aggregate(per_token, mask, cfg.aggregation, S, T, cfg.max_completion_len)
+def policy_loss(logp, old_logp, advantages, mask, cfg: GRPOLossConfig, ref_logp=None,
+                rollout_logp=None) -> tuple[torch.Tensor, dict]:
+    """(the aggregation's numerator over this micro-batch, metric sums). Metric values are
+    (sum, count) pairs over the masked tokens, so they too add up across micro-batches."""
+    per_token, parts = token_losses(logp, old_logp, advantages, mask, cfg, ref_logp, rollout_logp)
+    total = aggregate_sum(per_token, mask, cfg.aggregation)
     m = mask.bool()
-    n = m.sum().clamp(min=1)
-    metrics = {
-        "clip_frac_low": float(parts["clipped_low"][m].float().sum() / n),
-        "clip_frac_high": float(parts["clipped_high"][m].float().sum() / n),
-        "ratio_mean": float(parts["ratio"].detach()[m].mean()) if m.any() else 1.0,
-    }
-    if parts["kl"] is not None:
-        metrics["kl"] = float(parts["kl"].detach()[m].mean()) if m.any() else 0.0
-    if parts["tis"] is not None:
-        metrics["tis_weight_mean"] = float(parts["tis"][m].mean()) if m.any() else 1.0
-    return loss, metrics
+    n = float(m.sum())
+
+    def masked(x):
+        return (float(x.detach().expand_as(m)[m].double().sum()), n)
+
+    metrics = {"ratio_mean": masked(parts["ratio"])}
+    for key in ("clipped_low", "clipped_high", "capped", "off_policy_kept", "correction", "kl"):
+        if key in parts:
+            metrics[{"clipped_low": "clip_frac_low", "clipped_high": "clip_frac_high", "capped": "cispo_cap_frac",
+                     "off_policy_kept": "off_policy_kept_frac", "correction": "correction_weight_mean"}.get(key, key)
+                    ] = masked(parts[key].to(logp.dtype))
+    return total, metrics
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the policy at each position [B, T] (float32), for logging."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def grpo_loss(logp, old_logp, advantages, mask, cfg: GRPOLossConfig, ref_logp=None,
+              rollout_logp=None) -> tuple[torch.Tensor, dict]:
+    """The loss of one batch taken whole (sum / normaliser) and its metric means."""
+    total, sums = policy_loss(logp, old_logp, advantages, mask, cfg, ref_logp, rollout_logp)
+    loss = total / max(loss_normaliser(mask, cfg.aggregation, cfg.max_completion_len), 1.0)
+    return loss, {k: s / c if c else float("nan") for k, (s, c) in sums.items()}

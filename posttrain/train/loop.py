@@ -1,18 +1,20 @@
-"""The one training loop: SFT, reward-model training and GRPO all run through `Trainer`.
+"""The one training loop: SFT, reward-model training and GRPO all run through `Trainer.fit`.
 
-    trainer = Trainer(model, cfg, loss_fn, tokenizer=tok, args=model_args)
+    trainer = Trainer(model, cfg, loss_fn, collate)
     trainer.fit(rows)                       # rows: a datasets.Dataset (or list) of examples
+    trainer.fit(source)                     # or any StepSource (GRPO's rollouts: rollout/steps.py)
 
-`loss_fn(model, batch) -> (loss, metrics)` is the only stage-specific piece. The loop owns:
+`loss_fn(model, batch) -> (loss, metrics)` and the source of batches are the stage-specific
+pieces (train/steps.py says what each may return). The loop owns:
 accelerate (devices, mixed precision, multi-process), AdamW (fp32 master weights, optional
 bf16 moments), warmup + cosine to a floor, gradient accumulation and clipping, the MoE bias
 update after each optimizer step, skipping (and logging) steps whose loss or gradient is
 not finite, atomic checkpoints with optimizer, scheduler, RNG and data position, exact
 resume, and metrics to jsonl / TensorBoard / W&B with a progress bar.
 
-Data order is a pure function of (seed, epoch): each epoch is a seeded permutation of the
-rows cut into micro-batches, and the checkpoint stores how many micro-batches were used,
-so a resumed run sees exactly the batches an uninterrupted one would.
+Data order is the source's: for rows a pure function of (seed, epoch), each epoch a seeded
+permutation cut into micro-batches. The checkpoint stores the source's position, so a resumed
+run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from posttrain.outputs import OutputError, owned_by, remove_owned
 from posttrain.model.kernels.selection import select as select_kernels
 from posttrain.model.moe import RoutingSegments, routing_segments_of, update_router_bias
 
+from .collective import all_sum
 from .config import TrainConfig
 from .optim import build_optimizer, build_scheduler
+from .steps import BatchPlan, LossParts, RowSteps, StepSource
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 CHECKPOINT_MARKER = "posttrain-checkpoint"   # in each step-* directory this loop writes
@@ -86,25 +90,6 @@ class _Caller:
         if callable(attr) and not isinstance(attr, torch.nn.Module):
             return lambda *args, **kwargs: self._prepared(name, *args, **kwargs)
         return attr
-
-
-class BatchPlan:
-    """Which rows form micro-batch i: epoch-seeded permutations, cut into equal chunks."""
-
-    def __init__(self, n_rows: int, batch_size: int, seed: int, world: int = 1, rank: int = 0):
-        if n_rows < batch_size * world:
-            raise ValueError(f"{n_rows} rows are fewer than one global batch ({batch_size} x {world} processes)")
-        self.n_rows, self.batch_size, self.seed, self.world, self.rank = n_rows, batch_size, seed, world, rank
-        self.per_epoch = n_rows // (batch_size * world)  # the incomplete tail of an epoch is not used
-        self._perm_epoch, self._perm = -1, None
-
-    def rows(self, micro_batch: int) -> list[int]:
-        epoch, k = divmod(micro_batch, self.per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
-            self._perm_epoch = epoch
-        start = (k * self.world + self.rank) * self.batch_size
-        return self._perm[start:start + self.batch_size].tolist()
 
 
 def _rng_state() -> dict:
@@ -204,8 +189,8 @@ class Trainer:
             self.prepared, self.optimizer = self.accelerator.prepare(_Dispatch(model), self.optimizer)
             self.caller = _Caller(self.prepared, model)
         self.step = 0            # optimizer steps taken (including skipped ones)
-        self.micro = 0           # micro-batches consumed
         self.skipped = 0
+        self.source: StepSource | None = None   # what fit() is consuming (its position is saved)
 
     def _to_device(self, batch: dict) -> dict:
         """The micro-batch on this process's device. Packed segment ids get their routing
@@ -303,7 +288,8 @@ class Trainer:
         if acc.is_main_process:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
-            state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "config": self.run_config}
+            state = {"step": self.step, "skipped": self.skipped, "config": self.run_config,
+                     "data": self.source.state_dict() if self.source is not None else {}}
             if self.sharded:
                 state["layout"] = self.layout
             (tmp / "state.json").write_text(json.dumps(state))
@@ -343,7 +329,9 @@ class Trainer:
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        self.step, self.micro, self.skipped = state["step"], state["micro"], state["skipped"]
+        self.step, self.skipped = state["step"], state["skipped"]
+        if self.source is not None:
+            self.source.load_state_dict(state.get("data") or {"micro": state.get("micro", 0)})
 
     def _everywhere(self, flag: bool) -> bool:
         """True only if `flag` holds on every process (so all of them skip a step together)."""
@@ -354,38 +342,61 @@ class Trainer:
         return bool(t.item())
 
     # -------------------------------------------------------------------- fit
-    def total_steps(self, plan: BatchPlan) -> int:
-        if self.cfg.max_steps:
-            return self.cfg.max_steps
-        return max(1, int(self.cfg.epochs * plan.per_epoch) // self.cfg.grad_accum)
-
-    def optimizer_step(self, micro_batches, n_micro: int) -> tuple[dict, float, bool, dict, int]:
-        """One optimizer step over `n_micro` collated micro-batches (gradients accumulated,
-        synchronised across processes on the last one): clipping, a skip when the loss or the
-        gradient is not finite, the scheduler, the MoE bias update. Returns (mean metrics,
-        grad norm, finite, expert loads, input tokens). GRPO calls this with its own batches."""
+    def optimizer_step(self, micro_batches: list[dict]) -> tuple[dict, float, bool, dict, int]:
+        """One optimizer step over this process's micro-batches of the step (gradients
+        accumulated, synchronised across processes on the last one): the loss's normaliser
+        (train/steps.py), clipping, a skip when the loss or the gradient is not finite, the
+        scheduler, the MoE bias update. Returns (metrics, grad norm, finite, expert loads,
+        input tokens). Every process must pass the same number of micro-batches."""
         cfg, acc, model = self.cfg, self.accelerator, self.prepared
-        sums: dict[str, float] = {}
+        n_micro = len(micro_batches)
+        scale = None
+        if hasattr(self.loss_fn, "normaliser"):
+            # the sum of every process's shares; gradients are then averaged over processes,
+            # so each share is scaled by world / total for the step to be sum / total
+            total = all_sum([sum(float(self.loss_fn.normaliser(b)) for b in micro_batches)])[0]
+            if total == 0:   # nothing to learn from on any process (e.g. every group's rewards equal)
+                return self._empty_step()
+            scale = acc.num_processes / total
+        means: dict[str, float] = {}
+        pairs: dict[str, list[float]] = {}
         finite, tokens = True, 0
         for k, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             last = k == n_micro - 1
             with acc.autocast():
                 loss, metrics = self.loss_fn(self.caller, batch)
+            if isinstance(loss, LossParts):
+                term = loss.total * scale
+                if loss.mean is not None:
+                    term = term + loss.mean / n_micro
+                check = loss.total if loss.mean is None else loss.total + loss.mean
+            else:
+                term = check = loss / n_micro
             # backward runs even on a non-finite loss: every process must take part in the same
             # gradient collectives; the step is then skipped on all of them alike (below)
             if self.sharded:
                 model.set_requires_gradient_sync(last)
-                (loss / n_micro).backward()
+                term.backward()
             else:
                 with acc.no_sync(model) if not last else contextlib.nullcontext():
-                    acc.backward(loss / n_micro)
+                    acc.backward(term)
             # read after backward is queued: reading it before would make the CPU wait for the
             # forward before issuing the backward
-            finite = finite and bool(torch.isfinite(loss))
+            finite = finite and bool(torch.isfinite(check))
             for key, v in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(v) / n_micro
+                if isinstance(v, tuple):
+                    pair = pairs.setdefault(key, [0.0, 0.0])
+                    pair[0] += float(v[0])
+                    pair[1] += float(v[1])
+                else:
+                    means[key] = means.get(key, 0.0) + float(v) / n_micro
             tokens += int(metrics.get("tokens", 0))
+        if pairs:
+            keys = sorted(pairs)
+            summed = all_sum([x for k in keys for x in pairs[k]])
+            for i, key in enumerate(keys):
+                means[key] = summed[2 * i] / summed[2 * i + 1] if summed[2 * i + 1] else float("nan")
         if self.sharded:
             from posttrain.model.parallel import clip_grad_norm_
             grad_norm = clip_grad_norm_(model, cfg.max_grad_norm)
@@ -404,15 +415,32 @@ class Trainer:
             loads = update_router_bias(self.model, 0.0)  # drop this step's counts
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return sums, grad_norm, finite, loads, tokens
+        return means, grad_norm, finite, loads, tokens
 
-    def fit(self, rows, resume: bool = True) -> dict:
+    def _empty_step(self) -> tuple[dict, float, bool, dict, int]:
+        """A step without a loss term anywhere: the weights stay, the schedule advances."""
+        self.scheduler.step()
+        update_router_bias(self.model, 0.0)
+        self.step += 1
+        return {"empty_step": 1.0}, 0.0, True, {}, 0
+
+    def row_steps(self, rows) -> RowSteps:
+        """The source for a dataset of rows: this process's share of each global batch."""
         cfg, acc = self.cfg, self.accelerator
         try:
             plan = BatchPlan(len(rows), cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
         except ValueError as e:
             raise DataError(f"{e}: lower train.batch_size or give more data") from None
-        total = self.total_steps(plan)
+        total = cfg.max_steps or max(1, int(cfg.epochs * plan.per_epoch) // cfg.grad_accum)
+        return RowSteps(rows, self.collate, plan, cfg.grad_accum, total)
+
+    def fit(self, data, resume: bool = True) -> dict:
+        """Train on `data` (rows, or a StepSource) to its last step, resuming from the latest
+        checkpoint of this output when there is one."""
+        cfg, acc = self.cfg, self.accelerator
+        source = data if hasattr(data, "next_step") else self.row_steps(data)
+        self.source = source
+        total = source.total_steps
         self.scheduler = build_scheduler(self.optimizer, cfg, total)
         latest = self.latest_checkpoint() if resume else None
         if latest is not None:
@@ -428,19 +456,18 @@ class Trainer:
         tokens_total, steps_start = 0, self.step
         try:
             while self.step < total:
-                def micro_batches():
-                    for _ in range(cfg.grad_accum):
-                        batch = self.collate([rows[i] for i in plan.rows(self.micro)])
-                        self.micro += 1
-                        yield batch
-
-                sums, grad_norm, finite, loads, tokens = self.optimizer_step(micro_batches(), cfg.grad_accum)
+                batches = source.next_step(self)
+                model.train()
+                t_step = time.perf_counter()
+                metrics, grad_norm, finite, loads, tokens = self.optimizer_step(batches)
+                metrics["train_s"] = time.perf_counter() - t_step
+                extra = source.step_metrics(self)
                 tokens_since += tokens
                 tokens_total += tokens
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == total or not finite:
                     elapsed = time.perf_counter() - t_since
-                    row = {**sums, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    row = {**metrics, **extra, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                            "tokens_per_s": tokens_since / elapsed if elapsed > 0 else 0.0,
                            "skipped_nonfinite": self.skipped}
                     if loads:
@@ -450,7 +477,7 @@ class Trainer:
                     if not finite:
                         row["nonfinite_step"] = True
                     log.log(self.step, row)
-                    bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4f}")
+                    bar.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", "reward_mean") if k in row})
                     tokens_since, t_since = 0, time.perf_counter()
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
                     self.save()
