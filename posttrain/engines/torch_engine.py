@@ -45,11 +45,16 @@ class TorchEngine(Engine):
                                 logprobs=sampling.logprobs)
         out: list[list[Sample]] = [[] for _ in prompts]
         step = self.batch_size or len(rows)
+        tick = None
+        if self.model.embed_tokens.weight.device.type == "cpu":   # threads follow the CPU share we get
+            from posttrain.train.cpu_threads import cpu_threads
+
+            tick = cpu_threads().tick
         for start in range(0, len(rows), step):
             batch = rows[start:start + step]
             gens = generate(self.model, [ids for _, ids, _ in batch], params,
                             pad_token_id=self.tokenizer.pad_token_id, seeds=[s for _, _, s in batch],
-                            record_routing=sampling.routed_experts)
+                            record_routing=sampling.routed_experts, tick=tick)
             for (i, _, _), g in zip(batch, gens):
                 out[i].append(self._sample(g, sampling.stop))
         return out

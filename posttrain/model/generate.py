@@ -141,11 +141,13 @@ def generate(
     pad_token_id: int | None = None,
     seeds: list[int] | None = None,
     record_routing: bool = False,
+    tick=None,
 ) -> list[Generation]:
     """Generate for a batch of token-id prompts; one Generation per prompt (new tokens only).
 
     seeds: one per prompt (default params.seed + i, or 0 + i); a row's samples depend on its
-    seed only (up to floating-point differences of batched matmuls)."""
+    seed only (up to floating-point differences of batched matmuls). tick: called after every
+    decode step (the CPU thread governor, train/cpu_threads.py)."""
     params = (params or SamplingParams()).validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -211,6 +213,8 @@ def generate(
                 rows, keys, token, next_pos, done = rows[keep], keys[keep], token[keep], next_pos[keep], done[keep]
             logits = model.decode_step(token[:, None], cache, next_pos[:, None])[:, -1]
             next_pos = next_pos + 1
+            if tick is not None:
+                tick()
             if recorder is not None:
                 fed_routing[rows.cpu(), step] = recorder.take()[0].to("cpu", fed_routing.dtype)
     finally:

@@ -22,6 +22,7 @@ import torch
 
 from data_recipes.prompt_sets import PromptRecord
 from posttrain.train.collective import all_gather, all_max, all_sum, world_size
+from posttrain.train.cpu_threads import cpu_threads
 from posttrain.train.grpo_objective import policy_logprobs
 from posttrain.train.mismatch import mismatch_stats
 from posttrain.train.steps import BatchPlan
@@ -165,6 +166,8 @@ class GRPOSteps:
             b["old_logp"] = self._logprobs(self.model, b, self.replays.get("policy"))
             if self.ref is not None:
                 b["ref_logp"] = self._logprobs(self.ref, b, self.replays.get("ref"))
+            if self.device.type == "cpu":
+                cpu_threads().tick()
             s = mismatch_stats(b["old_logp"], b["rollout_logp"], b["completion"])
             stats["gap_max"] = max(stats["gap_max"], s["gap_max"])
             for k in ("gap_sum", "k1_sum", "k3_sum", "tokens"):

@@ -41,6 +41,7 @@ from posttrain.model.moe import RoutingSegments, routing_segments_of, update_rou
 
 from .collective import all_sum
 from .config import TrainConfig
+from .cpu_threads import cpu_threads
 from .optim import build_optimizer, build_scheduler
 from .steps import BatchPlan, LossParts, RowSteps, StepSource
 
@@ -384,6 +385,8 @@ class Trainer:
             # read after backward is queued: reading it before would make the CPU wait for the
             # forward before issuing the backward
             finite = finite and bool(torch.isfinite(check))
+            if self.accelerator.device.type == "cpu":   # threads follow the CPU share we get
+                cpu_threads().tick()
             for key, v in metrics.items():
                 if isinstance(v, tuple):
                     pair = pairs.setdefault(key, [0.0, 0.0])
