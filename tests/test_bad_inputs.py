@@ -301,8 +301,20 @@ def cases() -> dict[str, tuple]:
     for key, v in [("grpo.group_size", "1"), ("grpo.loss.clip_low", "-0.1"), ("grpo.loss.clip_low", "1"),
                    ("grpo.loss.aggregation", "mean"), ("grpo.loss.tis_cap", "0.5"), ("iterations", "0"),
                    ("grpo.temperature", "0"), ("grpo.advantage_scale", "rank"), ("engine", "sglang"),
-                   ("vllm.gpu_memory_utilization", "2")]:
+                   ("vllm.gpu_memory_utilization", "2"), ("grpo.loss.correction", "clip"),
+                   ("grpo.loss.correction_max", "0"), ("grpo.loss.correction_level", "batch"),
+                   ("grpo.loss.ratio_level", "seq"), ("grpo.loss.surrogate", "ppo"), ("grpo.loss.cispo_cap", "-1"),
+                   ("grpo.loss.off_policy_mask", "-0.1"), ("grpo.loss.max_completion_len", "0"),
+                   ("grpo.routing_replay", "r2")]:
         c[f"grpo {key}={v}"] = (grpo + [f"{key}={v}"], "error", key, "g", None)
+    c["grpo correction bounds crossed"] = (grpo + ["grpo.loss.correction_min=3", "grpo.loss.correction_max=2"],
+                                           "error", "correction_min", "g", None)
+    c["grpo icepop at sequence level"] = (grpo + ["grpo.loss.correction=icepop",
+                                                  "grpo.loss.correction_level=sequence"], "error", "icepop", "g", None)
+    c["grpo checkpoint inside an iteration"] = (grpo + ["grpo.updates_per_batch=2", "train.save_every=3"], "error",
+                                                "train.save_every", "g", None)
+    c["grpo r3 with a vllm server"] = (grpo + ["grpo.routing_replay=r3", "engine=vllm-server"], "error",
+                                       "routing_replay", "g", None)
     c["grpo missing prompts"] = (grpo + ["prompts.source={ws}/nope.jsonl"], "error", "nope.jsonl", "g", None)
     c["grpo into a user's directory"] = (grpo[:-1] + ["output_dir={ws}/user_dir"], "error", "user_dir", None, None)
 
