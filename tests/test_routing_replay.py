@@ -306,3 +306,26 @@ def test_replay_under_expert_parallelism_equals_one_process(tmp_path):
         if p.grad is not None:
             g = out[0]["grads"][name] * 2
             assert float((g - p.grad).norm() / p.grad.norm().clamp(min=1e-30)) < 1e-5, name
+
+
+def test_the_bias_update_counts_the_replayed_experts():
+    """The loads behind the aux-loss-free bias update are those of the experts the tokens went
+    through: the replayed ones (padding left out), not the router's own choice."""
+    args = small_args(num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+                      n_group=2, topk_group=2)
+    model = randomize_(Transformer(args), seed=31).train()
+    g = torch.Generator().manual_seed(32)
+    ids = torch.randint(0, args.vocab_size, (3, 9), generator=g)
+    attn = torch.ones(3, 9, dtype=torch.long)
+    attn[2, 6:] = 0                                      # padding: not counted
+    given = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(27)]).view(3, 9, 1, 2)
+    replay = RoutingReplay(model)
+    replay.set(given)
+    model.token_logprobs(ids, attention_mask=attn)[0].sum().backward()
+    want = torch.zeros(8)
+    for b in range(3):
+        for t in range(9):
+            if attn[b, t]:
+                want[given[b, t, 0]] += 1
+    assert torch.equal(model.layers[1].mlp.tokens_per_expert, want)
+    assert model.layers[1].mlp.balance_loss is not None   # computed on the replayed selection

@@ -18,7 +18,8 @@ import random
 import re
 import time
 
-from posttrain.engines.base import Engine, Prompt, Sample, SamplingConfig, resolve_seeds, sample_seed
+from posttrain.engines.base import (Engine, Prompt, Sample, SamplingConfig, refuse_routed_experts, resolve_seeds,
+                                    sample_seed)
 
 _EXPR = re.compile(r"^(?:Compute|What is|Evaluate|Calculate)\s+(.+?)[.?]\s*$")
 _CHAIN_START = re.compile(r"^(?:Start with|Begin with|Take the number)\s+(-?\d+)\.\s*(.*)$")
@@ -166,6 +167,7 @@ class ScriptedTeacher(Engine):
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig,
                  seeds: list[int] | None = None) -> list[list[Sample]]:
         sampling.validate()
+        refuse_routed_experts(self.name, sampling)
         seeds = resolve_seeds(sampling, len(prompts), seeds)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         out = []

@@ -104,6 +104,13 @@ class EngineError(RuntimeError):
     """A prompt the engine could not serve (e.g. a request rejected by the server)."""
 
 
+def refuse_routed_experts(engine_name: str, sampling: SamplingConfig) -> None:
+    """For engines that cannot report each token's experts."""
+    if sampling.routed_experts:
+        raise EngineError(f"the {engine_name} engine does not return routed experts (routing replay needs the "
+                          "torch or the colocated vllm engine)")
+
+
 class Engine(ABC):
     """A generator of samples. Subclasses set `name` (recorded as provenance)."""
 

@@ -6,6 +6,9 @@ threads), and are retried on connection errors, timeouts, 408/409/429 and 5xx wi
 exponential backoff and jitter (a server's Retry-After is honoured). A server that returns
 fewer than n choices is asked again for the rest. Every prompt gets exactly its n samples,
 in order, or the call raises after the retries are spent. Only the standard library is used.
+
+Log-probs are the server's: a vLLM server reports those of the distribution it sampled from
+(as the other engines do) only when started with `--logprobs-mode processed_logprobs`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import Engine, EngineError, Prompt, Sample, SamplingConfig, resolve_seeds, sample_seed
+from .base import (Engine, EngineError, Prompt, Sample, SamplingConfig, refuse_routed_experts, resolve_seeds,
+                   sample_seed)
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -161,6 +165,7 @@ class OpenAIEngine(Engine):
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig,
                  seeds: list[int] | None = None) -> list[list[Sample]]:
         sampling.validate()
+        refuse_routed_experts(self.name, sampling)
         seeds = resolve_seeds(sampling, len(prompts), seeds)
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(lambda a: self._one_prompt(a[0], sampling, a[1]), zip(prompts, seeds)))

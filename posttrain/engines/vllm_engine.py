@@ -103,9 +103,9 @@ class VLLMEngine(Engine):
             register()
             kwargs["weight_transfer_config"] = {"backend": INPROC}
             kwargs["enable_sleep_mode"] = torch.cuda.is_available()
-            # log-probs of the distribution actually sampled from (after temperature), which is
-            # what the trainer computes for the ratio and truncated importance sampling
-            kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        # log-probs of the distribution actually sampled from (after temperature, top-k and
+        # top-p), as every engine reports them (engines/base.py)
+        kwargs.setdefault("logprobs_mode", "processed_logprobs")
         self.llm = LLM(**kwargs)
         self.capture_routing = capture_routing
         self._routing = None

@@ -26,7 +26,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .base import Engine, EngineError, Prompt, Sample, SamplingConfig, render_prompt, sample_rows
+from .base import (Engine, EngineError, Prompt, Sample, SamplingConfig, refuse_routed_experts, render_prompt,
+                   sample_rows)
 from .openai_engine import optional_sampling_fields
 
 SERVED_NAME = "policy"
@@ -119,6 +120,7 @@ class VLLMServerEngine(Engine):
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig,
                  seeds: list[int] | None = None) -> list[list[Sample]]:
         sampling.validate()
+        refuse_routed_experts(self.name, sampling)
         rows = sample_rows(prompts, sampling, seeds, lambda p: render_prompt(self.tokenizer, p))
 
         def one(row) -> Sample:
