@@ -86,7 +86,8 @@ def ws(tmp_path_factory):
                                                           "max_length": 64}, "train": train}))
     (root / "grpo.yaml").write_text(yaml_dump({
         "model": {"path": str(root / "policy")}, "prompts": {"source": "synthetic", "limit": 4, "eval_limit": 2},
-        "grpo": {"group_size": 2, "prompts_per_step": 2, "max_new_tokens": 4}, "iterations": 1, "train": train}))
+        "grpo": {"group_size": 2, "prompts_per_step": 2, "max_new_tokens": 4}, "iterations": 1,
+        "train": {k: v for k, v in train.items() if k not in ("max_steps", "batch_size")}}))
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "broken.yaml").write_text("model: {path: [unclosed\n")
     return root
@@ -313,6 +314,10 @@ def cases() -> dict[str, tuple]:
                                                   "grpo.loss.correction_level=sequence"], "error", "icepop", "g", None)
     c["grpo checkpoint inside an iteration"] = (grpo + ["grpo.updates_per_batch=2", "train.save_every=3"], "error",
                                                 "train.save_every", "g", None)
+    c["grpo top_p with a correction"] = (grpo + ["grpo.top_p=0.9"], "error", "grpo.top_p", "g", None)
+    c["grpo train.batch_size"] = (grpo + ["train.batch_size=4"], "error", "train.batch_size", "g", None)
+    c["grpo more prompts per step than prompts"] = (grpo + ["grpo.prompts_per_step=100000"], "error",
+                                                    "prompts_per_step", "g", None)
     c["grpo r3 with a vllm server"] = (grpo + ["grpo.routing_replay=r3", "engine=vllm-server"], "error",
                                        "routing_replay", "g", None)
     c["grpo missing prompts"] = (grpo + ["prompts.source={ws}/nope.jsonl"], "error", "nope.jsonl", "g", None)

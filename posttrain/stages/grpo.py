@@ -35,6 +35,7 @@ from posttrain.errors import all_rejected
 from posttrain.io_utils import atomic_write_json, atomic_write_text
 from posttrain.model import load_checkpoint
 from posttrain.model.args import ConfigError
+from posttrain.model.moe import MoE
 from posttrain.model.routing_replay import RoutingReplay
 from posttrain.rollout import Rollout, score_rollouts
 from posttrain.rollout.log import RolloutLog
@@ -132,6 +133,16 @@ def check_grpo(cfg: GRPOConfig) -> GRPOConfig:
     if cfg.train.save_every % upb:
         raise ConfigError(f"train.save_every={cfg.train.save_every} must be a multiple of grpo.updates_per_batch "
                           f"({upb}): a checkpoint inside an iteration could not resume its rollouts")
+    if cfg.grpo.top_p < 1 and cfg.grpo.loss.correction != "none":
+        raise ConfigError(f"grpo.top_p={cfg.grpo.top_p} with grpo.loss.correction={cfg.grpo.loss.correction}: the "
+                          "engine's log-probs are of the top-p nucleus and the trainer's of the whole distribution, "
+                          "so their ratio measures the nucleus's mass, not a mismatch; use grpo.top_p=1 or "
+                          "grpo.loss.correction=none")
+    defaults = TrainConfig()
+    for key, what in (("max_steps", "iterations x grpo.updates_per_batch"), ("epochs", "iterations"),
+                      ("batch_size", "grpo.prompts_per_step x grpo.group_size"), ("grad_accum", "grpo.micro_batch_size")):
+        if getattr(cfg.train, key) != getattr(defaults, key):
+            raise ConfigError(f"train.{key} does not apply to GRPO: its steps come from {what}")
     if cfg.grpo.routing_replay == "r3" and cfg.engine == "vllm-server":
         raise ConfigError("grpo.routing_replay=r3 needs the engine's routed experts: use engine torch or vllm "
                           "(vllm-server does not return them)")
@@ -231,6 +242,9 @@ class GRPORun:
         self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.grpo.loss.beta > 0 else None
         whole = copy.deepcopy(model) if cfg.train.sharded and cfg.engine == "torch" else None
         r3 = cfg.grpo.routing_replay == "r3"
+        if r3 and not any(isinstance(b.mlp, MoE) for b in model.layers):
+            raise ConfigError(f"grpo.routing_replay=r3: {cfg.model.path} has no MoE layer, so there is no routing "
+                              "to replay")
         self.replays = {}
         if r3:
             self.replays["policy"] = RoutingReplay(model)
@@ -253,7 +267,7 @@ class GRPORun:
             self.replays, self.routing, self.pad, device, acc.process_index,
             RolloutLog(Path(cfg.output_dir) / "rollouts.jsonl", cfg.grpo.log_rollouts, acc.is_main_process),
             list(self.reward_fns), evaluate=self.evaluate, eval_every=cfg.eval_every,
-            sync_seconds=self.engine.take_sync_seconds)
+            sync_seconds=self.engine.take_sync_seconds, autocast=acc.autocast)
 
     # ------------------------------------------------------------- rollout
     def _sample(self, records: list[PromptRecord], seed: int, policy_version: int) -> list[Rollout]:
@@ -347,10 +361,10 @@ def _plot_rewards(path: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r.get("reward_mean", 0.0) for r in rows], label="reward (mean over samples)")
-    if any("accuracy" in r for r in rows):
-        ax.plot(steps, [r.get("accuracy", 0.0) for r in rows], label="sample accuracy", alpha=0.7)
+    for key, label, alpha in (("reward_mean", "reward (mean over samples)", 1.0), ("accuracy", "sample accuracy", 0.7)):
+        points = [(r["step"], r[key]) for r in rows if key in r]   # rows of later updates of a batch have none
+        if points:
+            ax.plot(*zip(*points), label=label, alpha=alpha)
     ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
     if ev:
         ax.plot(*zip(*ev), "o-", label="held-out greedy accuracy")

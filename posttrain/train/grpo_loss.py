@@ -189,6 +189,8 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: GRPOLossConfig, ref_logp=
         return (float(x.detach().expand_as(m)[m].double().sum()), n)
 
     metrics = {"ratio_mean": masked(parts["ratio"])}
+    if cfg.correction != "none" and "correction" not in parts:   # no engine log-probs here
+        metrics["correction_weight_mean"] = (0.0, 0.0)
     for key in ("clipped_low", "clipped_high", "capped", "off_policy_kept", "correction", "kl"):
         if key in parts:
             metrics[{"clipped_low": "clip_frac_low", "clipped_high": "clip_frac_high", "capped": "cispo_cap_frac",

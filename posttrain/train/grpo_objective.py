@@ -27,6 +27,10 @@ class GRPOObjective:
     def __init__(self, cfg: GRPOLossConfig, temperature: float, replay=None):
         self.cfg, self.temperature, self.replay = cfg, temperature, replay
 
+    def counts_for_mean(self, batch: dict) -> bool:
+        """A padding micro-batch (no sequence) does not count in the balance loss's mean."""
+        return batch["sequences"] > 0
+
     def normaliser(self, batch: dict) -> float:
         return loss_normaliser(batch["loss_mask"], self.cfg.aggregation, self.cfg.max_completion_len,
                                sequences=batch["sequences"])

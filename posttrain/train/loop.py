@@ -39,7 +39,7 @@ from posttrain.outputs import OutputError, owned_by, remove_owned
 from posttrain.model.kernels.selection import select as select_kernels
 from posttrain.model.moe import RoutingSegments, routing_segments_of, update_router_bias
 
-from .collective import all_sum
+from .collective import all_gather, all_sum
 from .config import TrainConfig
 from .cpu_threads import cpu_threads
 from .optim import build_optimizer, build_scheduler
@@ -351,14 +351,18 @@ class Trainer:
         input tokens). Every process must pass the same number of micro-batches."""
         cfg, acc, model = self.cfg, self.accelerator, self.prepared
         n_micro = len(micro_batches)
-        scale = None
+        scale = mean_scale = None
         if hasattr(self.loss_fn, "normaliser"):
-            # the sum of every process's shares; gradients are then averaged over processes,
-            # so each share is scaled by world / total for the step to be sum / total
-            total = all_sum([sum(float(self.loss_fn.normaliser(b)) for b in micro_batches)])[0]
+            # the sums of every process's shares; gradients are then averaged over processes, so
+            # each share is scaled by world / total for the step to be sum / total, and a mean
+            # term by world / (micro-batches that carry one, on every process)
+            counts = getattr(self.loss_fn, "counts_for_mean", lambda b: True)
+            total, n_mean = all_sum([sum(float(self.loss_fn.normaliser(b)) for b in micro_batches),
+                                     float(sum(bool(counts(b)) for b in micro_batches))])
             if total == 0:   # nothing to learn from on any process (e.g. every group's rewards equal)
                 return self._empty_step()
             scale = acc.num_processes / total
+            mean_scale = acc.num_processes / max(n_mean, 1.0)
         means: dict[str, float] = {}
         pairs: dict[str, list[float]] = {}
         finite, tokens = True, 0
@@ -370,7 +374,7 @@ class Trainer:
             if isinstance(loss, LossParts):
                 term = loss.total * scale
                 if loss.mean is not None:
-                    term = term + loss.mean / n_micro
+                    term = term + loss.mean * mean_scale
                 check = loss.total if loss.mean is None else loss.total + loss.mean
             else:
                 term = check = loss / n_micro
@@ -395,9 +399,10 @@ class Trainer:
                 else:
                     means[key] = means.get(key, 0.0) + float(v) / n_micro
             tokens += int(metrics.get("tokens", 0))
-        if pairs:
-            keys = sorted(pairs)
-            summed = all_sum([x for k in keys for x in pairs[k]])
+        if pairs or (scale is not None and acc.num_processes > 1):
+            # every process reduces the same keys, whatever its own micro-batches reported
+            keys = sorted(set().union(*all_gather(sorted(pairs))))
+            summed = all_sum([x for k in keys for x in pairs.get(k, (0.0, 0.0))])
             for i, key in enumerate(keys):
                 means[key] = summed[2 * i] / summed[2 * i + 1] if summed[2 * i + 1] else float("nan")
         if self.sharded:
@@ -468,7 +473,8 @@ class Trainer:
                 tokens_since += tokens
                 tokens_total += tokens
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == total or not finite:
+                # a step the source reports on (a new rollout batch, an evaluation) is always logged
+                if self.step % cfg.log_every == 0 or self.step == total or not finite or extra:
                     elapsed = time.perf_counter() - t_since
                     row = {**metrics, **extra, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                            "tokens_per_s": tokens_since / elapsed if elapsed > 0 else 0.0,

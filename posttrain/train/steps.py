@@ -51,7 +51,7 @@ class BatchPlan:
 class StepSource(Protocol):
     total_steps: int
 
-    def next_step(self, trainer) -> list[dict]: ...
+    def next_step(self, trainer) -> list[dict]: ...   # or any sized iterable of batches
 
     def step_metrics(self, trainer) -> dict: ...
 
@@ -77,12 +77,10 @@ class RowSteps:
         self.total_steps = total_steps
         self.micro = 0   # micro-batches consumed: the data position
 
-    def next_step(self, trainer) -> list[dict]:
-        batches = []
-        for _ in range(self.grad_accum):
-            batches.append(self.collate([self.rows[i] for i in self.plan.rows(self.micro)]))
-            self.micro += 1
-        return batches
+    def next_step(self, trainer) -> "_Collated":
+        picks = [self.plan.rows(self.micro + k) for k in range(self.grad_accum)]
+        self.micro += self.grad_accum
+        return _Collated(self.rows, self.collate, picks)
 
     def step_metrics(self, trainer) -> dict:
         return {}
@@ -92,3 +90,17 @@ class RowSteps:
 
     def load_state_dict(self, state: dict) -> None:
         self.micro = int(state["micro"])
+
+
+class _Collated:
+    """A step's micro-batches, collated as they are iterated (one in memory at a time)."""
+
+    def __init__(self, rows, collate, picks: list[list[int]]):
+        self.rows, self.collate, self.picks = rows, collate, picks
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __iter__(self):
+        for idx in self.picks:
+            yield self.collate([self.rows[i] for i in idx])
