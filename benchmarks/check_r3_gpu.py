@@ -189,12 +189,18 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args()
     print(torch.cuda.get_device_name(0), "torch", torch.__version__)
-    r3 = r3_section()
-    _table(r3)
-    lp = logprob_section()
-    _table(lp)
+    results = {}
+    for name, section in (("r3", r3_section), ("logprobs", logprob_section)):
+        try:  # one section failing still reports the other
+            results[name] = section()
+            _table(results[name])
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            results[name] = f"failed: {type(e).__name__}: {e}"
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "r3": r3, "logprobs": lp}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(0), **results}, f, indent=1)
 
 
 if __name__ == "__main__":

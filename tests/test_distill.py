@@ -1,7 +1,6 @@
 """Distillation end to end: resumable generate, filters on real data, decontamination, bad input, export."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,8 +13,7 @@ import pytest
 from data_recipes.distill_filters import FilterConfig, filter_records
 from data_recipes.prompt_sets import load_prompts
 from posttrain.cli import main as cli
-from posttrain.engines import SamplingConfig
-from posttrain.stages.distill_filter import read_generated, run_filter
+from posttrain.stages.distill_filter import run_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = [sys.executable, "-m", "posttrain.cli", "distill", "generate", "--prompts", "synthetic", "--limit", "60",

@@ -1,13 +1,11 @@
 """Router against a float64 reference, grouped GEMM against the loop, balance loss and bias update."""
 
-import os
-
 import pytest
 import torch
 
 from helpers import randomize_, small_args
 from posttrain.model import Transformer, update_router_bias
-from posttrain.model.grouped_mm import grouped_mm, grouped_mm_loop
+from posttrain.model.grouped_mm import grouped_mm
 from posttrain.model.moe import MoE, expert_counts, route, sequence_balance_loss
 
 

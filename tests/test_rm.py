@@ -3,7 +3,6 @@ HH-RLHF data, serving over HTTP, pairs from the distillation stage, and learning
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 import torch

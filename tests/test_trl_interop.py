@@ -193,7 +193,6 @@ def test_advantages_with_none_rewards_equal_trls(tiny, tmp_path):
 
     Recording = _advantage_recording_trainer()
     Recording.advantages = []
-    from trl import GRPOConfig
 
     trainer = _trainer(tiny, tmp_path, list(fns.values()), dataset, rollout_func=replay, trainer_cls=Recording, batch=8)
     trainer.args.reward_weights = [weights["first"], weights["second"]]
