@@ -10,7 +10,8 @@ route by them.
   log-probs of the engine's samples are compared with the engine's, without and with replay
   (both gaps printed): with replay the max gap is <= 1e-3 in fp32, without it is not;
 * under expert parallelism (EP=2 over gloo) replay gives the single process's log-probs and
-  gradients.
+  gradients;
+* on the FP8 training path the FP8 experts compute the replayed routes.
 """
 
 from __future__ import annotations
@@ -329,3 +330,50 @@ def test_the_bias_update_counts_the_replayed_experts():
                 want[given[b, t, 0]] += 1
     assert torch.equal(model.layers[1].mlp.tokens_per_expert, want)
     assert model.layers[1].mlp.balance_loss is not None   # computed on the replayed selection
+
+
+def test_replay_on_the_fp8_path():
+    """FP8 training GEMMs (their torch references on CPU) under replay: the engine's routing
+    from a high-precision forward is what the FP8 experts receive, where the FP8 model's own
+    routing of the same near-tie tokens differs; replaying the FP8 model's own routing changes
+    nothing; the router and the experts still get gradients."""
+    from posttrain.model.fp8_training import enable_fp8_training
+
+    args = small_args(hidden_size=128, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+                      n_group=2, topk_group=2, num_hidden_layers=3, first_k_dense_replace=1, vocab_size=96)
+
+    def near_ties() -> Transformer:   # no selection bias, so the affinities alone decide
+        model = randomize_(Transformer(args), seed=41).float()
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.gate.e_score_correction_bias.zero_()
+        return _near_ties_(model, 1e-5)
+
+    engine = near_ties().eval()
+    ids = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(42))
+    with torch.no_grad(), RoutingRecorder(engine) as rec:
+        engine.token_logprobs(ids)
+        given = rec.take()[0].view(2, 24, 2, args.num_experts_per_tok)
+
+    fp8 = near_ties().train()
+    enable_fp8_training(fp8)
+    with torch.no_grad(), RoutingRecorder(fp8) as rec:
+        own_logp = fp8.token_logprobs(ids)[0]
+        own = rec.take()[0].view(2, 24, 2, args.num_experts_per_tok)
+    sort = lambda t: t.sort(-1).values  # noqa: E731
+    assert not torch.equal(sort(own), sort(given)), "FP8 rounding should flip some near-tie routes"
+
+    replay = RoutingReplay(fp8)
+    rec = RoutingRecorder(fp8)          # registered after the replay: sees the replayed choice
+    replay.set(given)
+    logp, _ = fp8.token_logprobs(ids)
+    logp.sum().backward()
+    assert torch.equal(sort(rec.take()[0].view_as(given)), sort(given.long()))
+    assert (logp.detach() - own_logp).abs().max() > 1e-4   # the FP8 experts computed the replayed routes
+    assert float(fp8.layers[1].mlp.gate.weight.grad.abs().sum()) > 0
+    assert float(fp8.layers[1].mlp.experts.gate_up_proj.grad.abs().sum()) > 0
+    replay.set(own)
+    with torch.no_grad():
+        assert torch.allclose(fp8.token_logprobs(ids)[0], own_logp, rtol=0, atol=1e-6)
+    rec.remove()
+    replay.remove()
