@@ -141,8 +141,8 @@ def logprob_section() -> list[dict]:
     z = head(h[s]).double() / 0.7
     ref = z.log_softmax(-1).gather(-1, y[s, None]).squeeze(-1)
     ref_ent = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
-    err = float((got.double() - ref).abs().max())
-    ent_err = float((ent.double() - ref_ent).abs().max())
+    err = float((got.detach().double() - ref).abs().max())
+    ent_err = float((ent.detach().double() - ref_ent).abs().max())
     rows = [{"what": "chunked vs float64 (2,048 rows)", "max |dlogp|": err, "max |dentropy|": ent_err}]
     for name in ("chunked", "full fp32 log_softmax"):
         torch.cuda.synchronize()
