@@ -226,6 +226,13 @@ def test_unscorable_samples_leave_the_baseline_and_get_zero_advantage():
     bstd = r[~torch.isnan(r)].std().item()
     assert batch[0].item() == pytest.approx((1.0 - mean) / (bstd + 1e-4), rel=1e-12)
     assert not torch.isnan(batch).any()
+    # the stage's batch std (summed over processes; one here) is the same number, also where
+    # the rewards are large and close (a one-pass sum of squares would lose it)
+    from posttrain.rollout.scoring import batch_reward_std
+
+    assert batch_reward_std(r) == pytest.approx(bstd, rel=1e-12)
+    big = 1e8 + torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    assert batch_reward_std(big) == pytest.approx(big.std().item(), rel=1e-9)
 
 
 def test_bad_settings_are_refused():

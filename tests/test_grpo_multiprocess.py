@@ -3,7 +3,8 @@ half of every prompt batch, the loss is normalised over the global batch, and th
 the single-process run's: the same samples (seeds follow the prompt's place in the global
 batch) and, from the same weights, the same gradient (its global norm is compared; weights
 after several Adam steps are not, as Adam turns summation-order noise in near-zero gradients
-into full-size steps)."""
+into full-size steps). Advantages are scaled by the whole batch's std, which spans both
+processes, as TRL gathers rewards before scaling."""
 
 import json
 import os
@@ -32,7 +33,7 @@ def test_two_process_grpo_equals_one_process(policy_dir, tmp_path):  # noqa: F81
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     for name in ("one", "two"):
         data = _config_dict(policy_dir, tmp_path / name, iterations=3, prompts_per_step=4, micro_batch_size=3,
-                            dynamic_sampling=False)
+                            dynamic_sampling=False, advantage_scale="batch")
         data["train"]["save_every"] = 0
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
     _run([sys.executable, "-m", "posttrain", "grpo", "--config", str(tmp_path / "one.yaml")], env)

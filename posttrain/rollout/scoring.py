@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from posttrain.train.collective import all_sum
 from posttrain.train.grpo_loss import group_advantages
 from reward.calling import as_completions, call_reward, weighted_sum
 
@@ -37,7 +38,21 @@ def assign_advantages(rollouts: list[Rollout], group_size: int, scale: str) -> l
     place; a rollout no reward applied to is left out of its group's baseline and gets 0.
     Returns, per group, whether it carries no signal (equal rewards, or under two scored)."""
     rewards = torch.tensor([float("nan") if r.reward is None else r.reward for r in rollouts], dtype=torch.float64)
-    adv, zero = group_advantages(rewards, group_size, scale)
+    batch_std = batch_reward_std(rewards) if scale == "batch" else None
+    adv, zero = group_advantages(rewards, group_size, scale, batch_std=batch_std)
     for r, a in zip(rollouts, adv.tolist()):
         r.advantage = a
     return zero.tolist()
+
+
+def batch_reward_std(rewards: torch.Tensor) -> float:
+    """The std (Bessel-corrected) of the scored rewards of the whole batch, over every process:
+    each process holds a share of the batch, and TRL scales by the gathered batch's std. Two
+    passes (mean, then squared deviations) keep it exact where rewards are large and close.
+    A collective: every process calls it together."""
+    valid = rewards[~torch.isnan(rewards)]
+    n, total = all_sum([float(valid.numel()), float(valid.sum())])
+    if n < 2:
+        return 0.0
+    (squares,) = all_sum([float((valid - total / n).square().sum())])
+    return (squares / (n - 1)) ** 0.5

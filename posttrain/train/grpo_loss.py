@@ -72,7 +72,7 @@ class GRPOLossConfig(MismatchConfig):
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
-                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+                     eps: float = 1e-4, batch_std: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages [N], zero_std [N // group_size]) for rewards laid out group after group, as
     TRL computes them: A = (r - group mean) / (std + eps), std with Bessel's correction.
 
@@ -80,7 +80,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     std and gets advantage 0 (TRL's treatment of a completion whose every reward is None).
     scale "group": divide by the group's std (GRPO); "batch": by the std of the whole batch;
     "none": mean-centred only (Dr. GRPO). A group of equal rewards, or with fewer than two
-    scored samples, has zero advantages; `zero_std` marks it (dynamic sampling drops it)."""
+    scored samples, has zero advantages; `zero_std` marks it (dynamic sampling drops it).
+    `batch_std` gives the batch's std when the batch spans processes (batch_reward_std)."""
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     if rewards.numel() % group_size:
@@ -95,9 +96,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale == "group":
         adv = centred / (std + eps)
     elif scale == "batch":
-        all_valid = r[valid]
-        bstd = all_valid.std(unbiased=True) if all_valid.numel() > 1 else torch.zeros((), dtype=r.dtype)
-        adv = centred / (bstd + eps)
+        if batch_std is None:
+            all_valid = r[valid]
+            batch_std = float(all_valid.std(unbiased=True)) if all_valid.numel() > 1 else 0.0
+        adv = centred / (batch_std + eps)
     else:
         adv = centred
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
