@@ -201,6 +201,8 @@ def main() -> None:
             results[name] = f"failed: {type(e).__name__}: {e}"
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(0), **results}, f, indent=1)
+    if any(isinstance(v, str) for v in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

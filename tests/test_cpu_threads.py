@@ -70,6 +70,20 @@ def test_a_pause_between_ticks_starts_a_new_window(clock):
         assert gov.threads == 4
 
 
+def test_compute_with_ticks_far_apart_is_not_a_pause(clock):
+    """Micro-batches of 1.5 s each (one tick per micro-batch) on a crowded machine: the gaps
+    are compute, so the governor still drops to the share it gets."""
+    gov = ct.CPUThreads(max_threads=4)
+    gov.max = 4
+    gov.set(4)
+    clock["running"] = 9
+    for _ in range(4):
+        clock["wall"] += 1.5
+        clock["cpu"] += 1.5 * 1.2
+        gov.tick()
+    assert gov.threads == 1
+
+
 def test_a_thread_count_owned_elsewhere_turns_the_governor_off(clock, monkeypatch):
     gov = ct.CPUThreads(max_threads=2)
     gov.max = 2

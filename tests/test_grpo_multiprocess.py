@@ -55,3 +55,23 @@ def test_two_process_grpo_equals_one_process(policy_dir, tmp_path):  # noqa: F81
     assert max(float((v - start.state_dict()[k]).abs().max()) for k, v in b.items()) > 1e-3
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_a_users_directory_and_leave_it_alone(policy_dir, tmp_path):  # noqa: F811
+    """Only the main process claims the output; when it refuses, the other exits too, having
+    written nothing, and the report is the main process's one line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    data = _config_dict(policy_dir, users, iterations=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", "-m", "posttrain", "grpo", "--config", str(tmp_path / "c.yaml")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert out.returncode != 0
+    assert out.stderr.count("posttrain: error:") == 1 and "was not written by `posttrain grpo`" in out.stderr
+    assert "Traceback" not in out.stderr.split("posttrain: error:")[0][-2000:]
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"] and (users / "notes.txt").read_text() == "mine"

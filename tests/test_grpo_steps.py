@@ -17,9 +17,11 @@ from test_grpo_stage import _config_dict, policy_dir  # noqa: F401  (fixture)
 
 
 def _batch(model, pad=0):
+    """Two rollouts with the engine's log-probs (a correction and the gap metrics apply)."""
     g = torch.Generator().manual_seed(4)
     rs = [Rollout("p", "q", torch.randint(3, 90, (5,), generator=g).tolist(),
-                  torch.randint(3, 90, (n,), generator=g).tolist(), "", "stop", advantage=a)
+                  torch.randint(3, 90, (n,), generator=g).tolist(), "", "stop",
+                  (-torch.rand(n, generator=g) - 1.0).tolist(), advantage=a)
           for n, a in ((4, 1.0), (6, -0.5))]
     b = collate_rollouts(rs, pad, False, None)
     with torch.no_grad():
@@ -39,7 +41,10 @@ def test_a_padding_micro_batch_takes_part_in_backward_and_adds_nothing():
     assert parts.total.requires_grad and float(parts.total.detach()) == 0.0
     parts.total.backward()                          # raised before: no graph
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() == 0
-    _, real_metrics = obj(model, _batch(model))
+    real = _batch(model)
+    assert real["rollout_logp"] is not None and real["rollout_logp"].nan_to_num().abs().sum() > 0
+    _, real_metrics = obj(model, real)
+    assert "correction_weight_mean" in real_metrics
     assert set(metrics) == set(real_metrics)        # every micro-batch reports the same keys
 
 

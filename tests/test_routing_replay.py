@@ -370,6 +370,11 @@ def test_replay_on_the_fp8_path():
     logp.sum().backward()
     assert torch.equal(sort(rec.take()[0].view_as(given)), sort(given.long()))
     assert (logp.detach() - own_logp).abs().max() > 1e-4   # the FP8 experts computed the replayed routes
+    assert fp8.layers[1].mlp.experts.fp8
+    twin = near_ties().train()                             # the same replay without FP8
+    RoutingReplay(twin).set(given)
+    with torch.no_grad():
+        assert (twin.token_logprobs(ids)[0] - logp.detach()).abs().max() > 1e-4   # FP8 really ran
     assert float(fp8.layers[1].mlp.gate.weight.grad.abs().sum()) > 0
     assert float(fp8.layers[1].mlp.experts.gate_up_proj.grad.abs().sum()) > 0
     replay.set(own)

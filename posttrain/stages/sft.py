@@ -8,7 +8,6 @@ peft's format, and `final` is the base with the adapter merged in.
 
 from __future__ import annotations
 
-import os
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -93,11 +92,31 @@ def claim_training_output(stage: str, cfg, inputs, overwrite: bool, restart: boo
     """The output directory of a training stage: refused unless new, this stage's with the same
     settings (the run resumes), or restarted (its own checkpoints are removed first).
 
-    Under a multi-process launch only the first process claims (the others would see its
-    files appear mid-check and refuse them); they wait for it when the training loop starts
-    its process group, so none reads the output before the claim is done."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return "follower"
+    Under a multi-process launch only the main process claims (the others would see its files
+    appear mid-check and refuse them). The others wait for its outcome before they touch the
+    directory or read its checkpoints; when it refuses, they exit quietly with the same code
+    and the main process's one-line error is the report."""
+    from posttrain.train.collective import broadcast, world_size
+    from posttrain.train.loop import process_state
+
+    state = process_state()   # under a launcher this starts the process group
+    if world_size() > 1 and not state.is_main_process:
+        outcome = broadcast(None)
+        if outcome[0] == "refused":
+            raise SystemExit(2)
+        return outcome[1]
+    try:
+        claimed = _claim(stage, cfg, inputs, overwrite, restart, ignore)
+    except BaseException:
+        if world_size() > 1:
+            broadcast(("refused", None))
+        raise
+    if world_size() > 1:
+        broadcast(("claimed", claimed))
+    return claimed
+
+
+def _claim(stage: str, cfg, inputs, overwrite: bool, restart: bool, ignore) -> str:
     claim = claim_output(stage, cfg.output_dir, cfg, local_inputs(*inputs), overwrite=overwrite, restart=restart,
                          ignore=ignore)
     if claim.state == "restart":

@@ -13,7 +13,8 @@ clearly less than one core per thread while other tasks were runnable, it drops 
 it did get; when it used every thread fully, it tries one more, up to the cores it may use.
 The thread count then follows the process's share of the machine. A pause between ticks
 (work that is not the compute, often single-threaded) starts a new window instead of
-counting as a busy machine.
+counting as a busy machine: a gap is a pause when it is both long and much longer than the
+gap before it, so compute whose ticks are far apart (a long micro-batch) still counts.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import time
 import torch
 
 WINDOW_S = 1.0   # how much compute one decision looks at
-GAP_S = 0.25     # a longer pause between ticks starts a new window
+GAP_S = 0.25     # a gap longer than this, and PAUSE_RATIO times the one before, is a pause
+PAUSE_RATIO = 4.0
 
 
 def _others_running() -> int | None:
@@ -45,6 +47,7 @@ class CPUThreads:
         self.max = max(1, min(max_threads or torch.get_num_threads(), cores))
         self.threads = torch.get_num_threads()
         self.enabled = True
+        self._gap: float | None = None   # the previous gap between ticks
         self._start()
 
     def _start(self) -> None:
@@ -57,7 +60,9 @@ class CPUThreads:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if now - self._last > GAP_S:
+        gap, previous = now - self._last, self._gap
+        self._gap = gap
+        if gap > GAP_S and (previous is None or gap > PAUSE_RATIO * previous):
             # a stretch without ticks (rewards, tokenising, logging: often one thread) says
             # nothing about the compute the threads are for: measure afresh from here
             self._start()
