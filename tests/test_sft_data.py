@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from data_recipes.sft_data import IGNORE_INDEX, SFTDataConfig, SourceSpec, chat_ids_and_mask, collate, pack_best_fit, prepare
+from data_recipes.packing import pack_best_fit
+from data_recipes.sft_data import IGNORE_INDEX, SFTDataConfig, SourceSpec, chat_ids_and_mask, collate, prepare
 from posttrain.embedded import build_tokenizer
 
 CHAT = [
