@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from tables import print_tables  # benchmarks/ is the script's directory, so on sys.path
+
 
 def _tiny_args(scale: int):
     from posttrain.model import ModelArgs
@@ -161,13 +163,7 @@ def main() -> None:
         ckpt = Path(ns.checkpoint) if ns.checkpoint else _save_random(ModelArgs.from_json(model_config("tiny")),
                                                                      work / "tiny")
         rows = bench_rollouts(ckpt, ns.prompts, ns.n, ns.max_tokens) + bench_sync(ns.sync_scale, work, not ns.skip_server)
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    print("| " + " | ".join(keys) + " |")
-    print("| " + " | ".join("---" for _ in keys) + " |")
-    for r in rows:
-        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+    print_tables([{"section": "rollouts and weight sync", **r} for r in rows], ("rollouts and weight sync",))
 
 
 if __name__ == "__main__":

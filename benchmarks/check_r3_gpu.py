@@ -33,6 +33,7 @@ from posttrain.model.generate import SamplingParams, generate  # noqa: E402
 from posttrain.model.moe import MoE, use_fused_route  # noqa: E402
 from posttrain.model.routing_replay import RoutingRecorder, RoutingReplay  # noqa: E402
 from posttrain.model.token_logprobs import chosen_token_logprobs  # noqa: E402
+from tables import print_tables  # noqa: E402
 
 
 def _args() -> ModelArgs:
@@ -211,14 +212,10 @@ def logprob_section() -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> None:
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    print("| " + " | ".join(keys) + " |")
-    print("| " + " | ".join("---" for _ in keys) + " |")
-    for r in rows:
-        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
+def _table(name: str, rows: list[dict]) -> None:
+    """Floats to three significant figures for reading; results.json keeps them whole."""
+    print_tables([{"section": name, **{k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in r.items()}}
+                  for r in rows], (name,))
 
 
 def main() -> None:
@@ -233,7 +230,7 @@ def main() -> None:
         section = sections[name]
         try:  # one section failing still reports the other
             results[name] = section()
-            _table(results[name])
+            _table(name, results[name])
         except Exception as e:  # noqa: BLE001
             import traceback
 

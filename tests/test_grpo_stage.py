@@ -118,19 +118,10 @@ def test_grpo_with_routing_replay_runs_the_policy_on_the_engines_experts(tmp_pat
     """R3 with the torch engine on a policy whose routing sits near ties: the logged gap between
     the engine's log-probs and the trainer's stays within 1e-3 at every step (without replay it
     is above 1e-2 at the first), and the policy still learns."""
-    from posttrain.embedded import build_tokenizer
     from posttrain.stages.grpo import grpo_config, run_grpo
-    from test_routing_replay import _near_ties_
+    from test_routing_replay import _tiny
 
-    args = ModelArgs.from_json(model_config("tiny"))
-    torch.manual_seed(0)
-    model = Transformer(args)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-    path = tmp_path / "ties"
-    save_checkpoint(_near_ties_(model, 1e-5), args, path, dtype=torch.float32, tokenizer=build_tokenizer(args.vocab_size))
+    path = _tiny(tmp_path / "ties", 1e-5)
     gaps = {}
     for replay in ("none", "r3"):
         data = _config_dict(path, tmp_path / replay, iterations=2, routing_replay=replay, max_new_tokens=24)

@@ -46,21 +46,9 @@ def test_grpo_with_vllm_rollouts_stays_on_policy(policy_dir, tmp_path):
 @pytest.fixture(scope="module")
 def near_tie_policy(tmp_path_factory):
     """The tiny policy with every router row the same up to 1e-5 noise: routing sits near ties."""
-    from posttrain.embedded import build_tokenizer
-    from posttrain.model import ModelArgs, Transformer, save_checkpoint
-    from posttrain.paths import model_config
-    from test_routing_replay import _near_ties_
+    from test_routing_replay import _tiny
 
-    args = ModelArgs.from_json(model_config("tiny"))
-    torch.manual_seed(0)
-    model = Transformer(args)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-    path = tmp_path_factory.mktemp("ties") / "sft"
-    save_checkpoint(_near_ties_(model, 1e-5), args, path, dtype=torch.float32, tokenizer=build_tokenizer(args.vocab_size))
-    return path
+    return _tiny(tmp_path_factory.mktemp("ties") / "sft", 1e-5)
 
 
 @pytest.mark.parametrize("replay", ["none", "r3"])

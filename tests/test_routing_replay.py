@@ -55,6 +55,7 @@ def _near_ties_(model: Transformer, eps: float, seed: int = 1) -> Transformer:
 
 
 def _tiny(path, eps: float | None) -> str:
+    """The tiny config with large random weights, routers at near ties when eps is given."""
     args = ModelArgs.from_json(model_config("tiny"))
     torch.manual_seed(0)
     model = Transformer(args)

@@ -72,7 +72,9 @@ class RoutingCapture:
         num_reqs = r.input_batch.num_reqs
         bounds = r.query_start_loc.np[:num_reqs + 1].astype(np.int64)
         if positions.dim() != 1:
-            raise NotImplementedError("routing capture with multi-dimensional (M-RoPE) positions")
+            # DeepSeek-V3 models have one position per token; M-RoPE (multimodal) models do not
+            raise ValueError("routing capture needs one position per token; this model's positions are "
+                             f"{positions.dim()}-dimensional (M-RoPE), which routing replay does not support")
         pos = positions[:n].to("cpu").numpy().astype(np.int64)
         ids = self.buf[:n].to("cpu", torch.int16).numpy()
         if (ids < 0).any():

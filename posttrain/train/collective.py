@@ -12,22 +12,20 @@ def world_size() -> int:
 
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sums over every process (float64)."""
-    if world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t)
-    return t.tolist()
+    return _all_reduce(values, torch.distributed.ReduceOp.SUM)
 
 
 def all_max(values: list[float]) -> list[float]:
+    return _all_reduce(values, torch.distributed.ReduceOp.MAX)
+
+
+def _all_reduce(values: list[float], op) -> list[float]:
     if world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.get_backend() == "nccl":
         t = t.cuda()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(t, op=op)
     return t.tolist()
 
 
