@@ -227,7 +227,7 @@ def router_section(N=8192, D=2048, E=64):
         return weights, idx, counts, rows, loss, logits
 
     def fused_routing(xi):
-        r = router.select(xi)
+        r = router(xi)
         lay = slot_layout(r.idx, r.hist)
         loss = sequence_balance_loss(r.scores, r.idx, seq, E, 4)
         return r.weights, r.idx, lay.counts, lay.rows, loss, None

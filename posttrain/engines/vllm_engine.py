@@ -46,10 +46,11 @@ def _half_precision(model: str | Path, dtype) -> bool:
 
 
 def _moe_layers(hf_config) -> list[int]:
-    """The decoder layers with routed experts, in order (DeepSeek-V3's layout)."""
-    first = getattr(hf_config, "first_k_dense_replace", 0) or 0
-    freq = getattr(hf_config, "moe_layer_freq", 1) or 1
-    return [i for i in range(hf_config.num_hidden_layers) if i >= first and i % freq == 0]
+    """The decoder layers with routed experts, in order (the core's own rule)."""
+    from posttrain.model import ModelArgs
+
+    args = ModelArgs.from_hf_config(hf_config.to_dict())
+    return [i for i in range(args.num_hidden_layers) if args.is_moe_layer(i)]
 
 
 class VLLMEngine(Engine):

@@ -23,6 +23,7 @@ never fed back), [prompt_len + n_generated - 1, MoE layers, K] (routing_replay.p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,11 +89,16 @@ def row_keys(seeds: list[int], device) -> torch.Tensor:
     return _mix32(lo ^ _mix32(hi ^ 0x5BD1E995))
 
 
+@functools.lru_cache(maxsize=8)
+def _token_keys(vocab: int, device: torch.device) -> torch.Tensor:
+    """The token ids' half of the noise key: the same at every step, so made once."""
+    return _mix32(torch.arange(vocab, dtype=torch.int64, device=device) * 0x85EBCA6B & _M32)
+
+
 def sampling_noise(keys_B: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, V] (float32), a pure function of (row key, step, token id)."""
     step_key = _mix32(keys_B ^ _mix32(torch.full_like(keys_B, (step * 0x9E3779B9 + 0x7F4A7C15) & _M32)))
-    token_key = _mix32(torch.arange(vocab, dtype=torch.int64, device=keys_B.device) * 0x85EBCA6B & _M32)
-    bits = _mix32(step_key[:, None] ^ token_key[None, :])
+    bits = _mix32(step_key[:, None] ^ _token_keys(vocab, keys_B.device)[None, :])
     u = (bits.double() + 0.5) * (1.0 / 4294967296.0)   # in (0, 1)
     return (-torch.log(-torch.log(u))).float()
 
@@ -114,14 +120,16 @@ def processed_logits(logits_BV: torch.Tensor, params: SamplingParams) -> torch.T
 
 
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams, keys_B: torch.Tensor | None,
-                step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B], its log-prob [B]) for every row at once; see the module docstring."""
+                step: int, with_logprob: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(token [B], its log-prob [B], or None when not asked) for every row at once; see the
+    module docstring."""
     if params.temperature == 0:
         token = logits_BV.argmax(-1)
-        return token, logits_BV.float().log_softmax(-1).gather(1, token[:, None]).squeeze(1)
-    z = processed_logits(logits_BV, params)
-    token = (z + sampling_noise(keys_B, step, z.shape[-1])).argmax(-1)
-    return token, z.log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+        z = logits_BV.float()
+    else:
+        z = processed_logits(logits_BV, params)
+        token = (z + sampling_noise(keys_B, step, z.shape[-1])).argmax(-1)
+    return token, z.log_softmax(-1).gather(1, token[:, None]).squeeze(1) if with_logprob else None
 
 
 # ------------------------------------------------------------------ decoding
@@ -194,10 +202,11 @@ def generate(
         done = torch.zeros(B, dtype=torch.bool, device=device)   # per row still in the batch
         next_pos = positions[:, -1] + 1
         for step in range(N):
-            token, logp = sample_next(logits, params, keys, step)
+            token, logp = sample_next(logits, params, keys, step, with_logprob=params.logprobs)
             live = rows[~done]
             out_tokens[live, step] = token[~done]
-            out_logp[live, step] = logp[~done]
+            if logp is not None:
+                out_logp[live, step] = logp[~done]
             hit = torch.isin(token, stop) & ~done if len(stop) else torch.zeros_like(done)
             stopped[rows[hit]] = True
             length[rows[hit]] = step + 1

@@ -40,11 +40,13 @@ class GRPOSteps:
                  ref: torch.nn.Module | None, replays: dict, routing: tuple[int, int] | None, pad: int,
                  device, rank: int, rollout_log: RolloutLog, reward_names: list[str],
                  evaluate: Callable[[], dict] | None = None, eval_every: int = 0,
-                 sync_seconds: Callable[[], float] = lambda: 0.0, autocast=contextlib.nullcontext):
+                 sync_seconds: Callable[[], float] = lambda: 0.0, autocast=contextlib.nullcontext,
+                 rest: Callable[[], None] = lambda: None):
         """grpo: the GRPOSection; sample(records, seed, policy_version) -> scored rollouts;
         replays: {"policy": RoutingReplay, "ref": RoutingReplay} when routing is replayed;
         routing: (MoE layers, K) when rollouts carry routed experts; sync_seconds() -> the
-        seconds spent putting new weights into the engine since it was last called."""
+        seconds spent putting new weights into the engine since it was last called; rest()
+        frees the accelerator once an iteration's sampling, refills included, is done."""
         self.g, self.seed, self.iterations = grpo, seed, iterations
         self.total_steps = iterations * grpo.updates_per_batch
         self.world = world_size()
@@ -64,6 +66,7 @@ class GRPOSteps:
         self.log, self.reward_names = rollout_log, reward_names
         self.evaluate, self.eval_every, self.sync_seconds = evaluate, eval_every, sync_seconds
         self.autocast = autocast   # the training forward's precision context, for the old log-probs
+        self.rest = rest
         self.prompt_batches = 0         # the data position
         self._batches: list[dict] = []  # the current iteration's micro-batches
         self._row: dict = {}
@@ -86,6 +89,7 @@ class GRPOSteps:
             self._row = {"iteration": iteration}
             t = time.perf_counter()
             kept, sampled, flat = self._generate(trainer.step)
+            self.rest()
             self._row.update(self._rollout_metrics(sampled, flat))
             self.log.log(iteration, sampled)
             sync = self.sync_seconds()
@@ -170,9 +174,10 @@ class GRPOSteps:
         micro += [empty_batch(self.pad, self.routing) for _ in range(n_micro - len(micro))]
         stats = {"gap_max": 0.0, "gap_sum": 0.0, "k1_sum": 0.0, "k3_sum": 0.0, "tokens": 0}
         for b in micro:   # the empty ones too: a sharded forward is collective
-            b["old_logp"] = self._logprobs(self.model, b, self.replays.get("policy"))
+            on_device = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
+            b["old_logp"] = self._logprobs(self.model, on_device, self.replays.get("policy"))
             if self.ref is not None:
-                b["ref_logp"] = self._logprobs(self.ref, b, self.replays.get("ref"))
+                b["ref_logp"] = self._logprobs(self.ref, on_device, self.replays.get("ref"))
             if self.device.type == "cpu":
                 cpu_threads().tick()
             s = mismatch_stats(b["old_logp"], b["rollout_logp"], b["completion"])
@@ -189,12 +194,12 @@ class GRPOSteps:
 
     @torch.no_grad()
     def _logprobs(self, model, batch: dict, replay) -> torch.Tensor:
-        """In eval mode: these forwards must not count toward the MoE loads of the next update."""
+        """Of a batch already on the device. In eval mode: these forwards must not count toward
+        the MoE loads of the next update."""
         was_training = model.training
         model.eval()
         try:
-            dev = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self.autocast():
-                return policy_logprobs(model, dev, self.g.temperature, replay)[0].float().cpu()
+                return policy_logprobs(model, batch, self.g.temperature, replay)[0].float().cpu()
         finally:
             model.train(was_training)

@@ -35,8 +35,7 @@ from posttrain.errors import all_rejected
 from posttrain.io_utils import atomic_write_json, atomic_write_text
 from posttrain.model import load_checkpoint
 from posttrain.model.args import ConfigError
-from posttrain.model.moe import MoE
-from posttrain.model.routing_replay import RoutingReplay
+from posttrain.model.routing_replay import RoutingReplay, moe_routers
 from posttrain.rollout import Rollout, score_rollouts
 from posttrain.rollout.log import RolloutLog
 from posttrain.rollout.policy_engine import PolicyEngine
@@ -242,7 +241,7 @@ class GRPORun:
         self.ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.grpo.loss.beta > 0 else None
         whole = copy.deepcopy(model) if cfg.train.sharded and cfg.engine == "torch" else None
         r3 = cfg.grpo.routing_replay == "r3"
-        if r3 and not any(isinstance(b.mlp, MoE) for b in model.layers):
+        if r3 and not moe_routers(model):
             raise ConfigError(f"grpo.routing_replay=r3: {cfg.model.path} has no MoE layer, so there is no routing "
                               "to replay")
         self.replays = {}
@@ -267,7 +266,7 @@ class GRPORun:
             self.replays, self.routing, self.pad, device, acc.process_index,
             RolloutLog(Path(cfg.output_dir) / "rollouts.jsonl", cfg.grpo.log_rollouts, acc.is_main_process),
             list(self.reward_fns), evaluate=self.evaluate, eval_every=cfg.eval_every,
-            sync_seconds=self.engine.take_sync_seconds, autocast=acc.autocast)
+            sync_seconds=self.engine.take_sync_seconds, autocast=acc.autocast, rest=self.engine.rest)
 
     # ------------------------------------------------------------- rollout
     def _sample(self, records: list[PromptRecord], seed: int, policy_version: int) -> list[Rollout]:
@@ -280,7 +279,6 @@ class GRPORun:
                                   top_p=g.top_p, seed=seed, logprobs=True, routed_experts=self.routing is not None)
         with torch.no_grad():
             outs = self.engine.engine.generate(messages, sampling)
-        self.engine.rest()
         self.model.train()
         rollouts = []
         for r, m, samples in zip(records, messages, outs):
