@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.config import setting
+from posttrain.config import check, setting
 
-from .mismatch import CORRECTION_LEVELS, CORRECTIONS, MismatchConfig, correction_weights, off_policy_sequence_mask
+from .mismatch import MismatchConfig, correction_weights, off_policy_sequence_mask
 
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -56,15 +56,9 @@ class GRPOLossConfig(MismatchConfig):
     max_completion_len: int | None = setting(None, ge=1)
 
     def validate(self) -> "GRPOLossConfig":
-        for key, allowed in (("aggregation", AGGREGATIONS), ("ratio_level", RATIO_LEVELS),
-                             ("surrogate", SURROGATES), ("correction", CORRECTIONS),
-                             ("correction_level", CORRECTION_LEVELS)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
-            raise ValueError("need 0 <= clip_low < 1 and clip_high >= 0")
-        if self.beta < 0:
-            raise ValueError("beta must be >= 0")
+        """The declared ranges and choices (for a config built in code, not read by the stage),
+        then what no single field can say."""
+        check(self)
         if self.aggregation == "dr_grpo" and self.max_completion_len is None:
             raise ValueError("dr_grpo needs max_completion_len (the stage sets it to grpo.max_new_tokens)")
         self.correction_bounds()  # raises on an empty interval
