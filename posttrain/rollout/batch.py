@@ -4,7 +4,8 @@ Each row is prompt + completion, right-padded. Positions are those of the next-t
 predictions ([B, T - 1]): `completion` marks the predictions of completion tokens (whose
 log-probs are computed), `loss_mask` those the loss is taken over (a completion cut at the
 length limit is left out with mask_truncated). `rollout_logp` holds the engine's log-probs
-there (NaN where the engine gave none), `routed_experts` [B, T, L, K] the engine's experts
+there (NaN where the engine gave none; `has_engine_logp` says whether any loss token has
+one), `routed_experts` [B, T, L, K] the engine's experts
 of each token it processed (-1 elsewhere).
 """
 
@@ -44,7 +45,9 @@ def collate_rollouts(rollouts: list[Rollout], pad: int, mask_truncated: bool, ro
             loss_mask[i] = False
     batch = {"input_ids": ids, "attention_mask": attn, "completion": completion, "loss_mask": loss_mask.float(),
              "advantages": torch.tensor([r.advantage for r in rollouts], dtype=torch.float32),
-             "rollout_logp": engine_logp, "sequences": B}
+             "rollout_logp": engine_logp, "sequences": B,
+             # decided here, on the CPU, so the training forward does not wait on the device for it
+             "has_engine_logp": bool((~torch.isnan(engine_logp) & loss_mask).any())}
     if routed is not None:
         batch["routed_experts"] = routed
     return batch
@@ -58,6 +61,7 @@ def empty_batch(pad: int, routing: tuple[int, int] | None) -> dict:
     b["completion"].zero_()
     b["loss_mask"].zero_()
     b["sequences"] = 0
+    b["has_engine_logp"] = False
     if routing:
         b["routed_experts"] = torch.full((1, 2, *routing), -1, dtype=torch.int16)
     return b

@@ -4,8 +4,6 @@ with its normaliser, and the MoE balance loss as a per-micro-batch mean (train/s
 
 from __future__ import annotations
 
-import torch
-
 from .grpo_loss import GRPOLossConfig, loss_normaliser, policy_loss
 from .steps import LossParts
 
@@ -38,10 +36,9 @@ class GRPOObjective:
     def __call__(self, model, batch: dict):
         logp, entropy = policy_logprobs(model, batch, self.temperature, self.replay, with_entropy=True)
         mask = batch["loss_mask"]
-        has_engine = bool((~torch.isnan(batch["rollout_logp"]) & mask.bool()).any())
         total, metrics = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, self.cfg,
                                      ref_logp=batch.get("ref_logp"),
-                                     rollout_logp=batch["rollout_logp"] if has_engine else None)
+                                     rollout_logp=batch["rollout_logp"] if batch["has_engine_logp"] else None)
         balance = model.balance_loss()
         if balance is not None and batch["sequences"] == 0:
             balance = balance * 0.0   # a padding micro-batch takes part in the graph, adds nothing
