@@ -402,9 +402,7 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
         stats = {"sources": per_source, "samples": 0, "samples_kept": 0, "rejected": len(read_rejects),
                  "reject_reasons": dict(Counter(r["reason"].split(":")[0] for r in read_rejects)),
                  "system_prompts": [], "rows": 0, "tokens": 0, "fingerprint": key}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in read_rejects))
-        (out / "stats.json").write_text(json.dumps(stats, indent=2))
+        _publish(out.with_name(out.name + f".tmp-{os.getpid()}"), out, stats, read_rejects)
         return PreparedData(None, stats, out)
     samples = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
     max_len, truncate = cfg.max_length, cfg.overlong == "truncate"
@@ -483,6 +481,13 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
     }
     if not cfg.pack:
         data.save_to_disk(str(tmp / "data"))
+    _publish(tmp, out, stats, rejects)
+    return PreparedData(_load_prepared(out), stats, out)
+
+
+def _publish(tmp: Path, out: Path, stats: dict, rejects: list[dict]) -> None:
+    """Write the rejects and stats beside the data in `tmp`, then put `tmp` in place of the
+    cache entry `out` in one rename (stats.json present = complete)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
@@ -491,7 +496,6 @@ def prepare(cfg: SFTDataConfig, tokenizer) -> PreparedData:
 
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return PreparedData(_load_prepared(out), stats, out)
 
 
 # --------------------------------------------------------------------------- batches

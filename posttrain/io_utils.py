@@ -71,6 +71,16 @@ def read_jsonl(path: str | os.PathLike, raw: bool = False):
                 yield n, rec, why
 
 
+def record_problem(rec: dict, required: dict[str, type | tuple[type, ...]]) -> str | None:
+    """Why a JSON record lacks what a stage needs (the first missing or mistyped field), or None."""
+    for key, types in required.items():
+        if key not in rec:
+            return f"missing field {key!r}"
+        if not isinstance(rec[key], types):
+            return f"field {key!r} has the wrong type"
+    return None
+
+
 def truncate_jsonl(path: str | os.PathLike, keep) -> None:
     """Rewrite a jsonl log keeping the rows `keep(row)` accepts (a resumed run drops the rows it
     is about to write again); atomic, and a no-op when the file does not exist."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from posttrain.config import setting
 from posttrain.errors import all_rejected
-from posttrain.io_utils import atomic_write_text, read_jsonl
+from posttrain.io_utils import atomic_write_text, read_jsonl, record_problem
 from posttrain.outputs import claim_output
 from posttrain.stages.common import local_inputs, require, text_option
 
@@ -91,8 +91,7 @@ def read_kept(source: Path) -> tuple[list[dict], list[dict]]:
     records, rejects = [], []
     for n, rec, why, raw in read_jsonl(path, raw=True):
         if rec is not None:
-            why = next((f"missing or mistyped field {k!r}" for k, t in REQUIRED.items() if not isinstance(rec.get(k), t)),
-                       None)
+            why = record_problem(rec, REQUIRED)
         if why:
             rejects.append({"file": str(path), "line": n, "reason": why, "text": raw})
         else:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data_recipes.distill_filters import FilterConfig, filter_records
 from posttrain.errors import all_rejected
-from posttrain.io_utils import atomic_write_json, atomic_write_text, read_jsonl
+from posttrain.io_utils import atomic_write_json, atomic_write_text, read_jsonl, record_problem
 from posttrain.outputs import claim_output
 from posttrain.stages.common import local_inputs, require
 
@@ -60,8 +60,7 @@ def read_generated(source: Path) -> tuple[list[dict], list[dict]]:
             if rec is None:
                 bad.append({**where, "reject_reason": f"bad_record: {why}"})
                 continue
-            problem = next((f"missing field {k!r}" if k not in rec else f"field {k!r} has the wrong type"
-                            for k, t in REQUIRED.items() if not isinstance(rec.get(k), t)), None)
+            problem = record_problem(rec, REQUIRED)
             if problem:
                 bad.append({**where, "reject_reason": f"bad_record: {problem}"})
                 continue
